@@ -266,6 +266,10 @@ def test_load_normalises_raw_trainer_quaternions(tmp_path):
     plyfile.PlyData([plyfile.PlyElement.describe(data, "vertex")]).write(str(tmp_path / "raw.ply"))
     assert torch.equal(GaussianScene.load_ply(tmp_path / "raw.ply").rotations,
                        torch.tensor([[1.0, 0, 0, 0]]).expand(4, 4))
+    data["rot_0"][2] = 0.0
+    plyfile.PlyData([plyfile.PlyElement.describe(data, "vertex")]).write(str(tmp_path / "zero.ply"))
+    with pytest.raises(Vist3AInputError, match=r"zero.ply: rotations: quaternion 2 has zero"):
+        GaussianScene.load_ply(tmp_path / "zero.ply")
 
 
 def test_empty_scene_ply_and_splat(tmp_path):

@@ -37,7 +37,7 @@ def normalize_quaternions(q: torch.Tensor) -> torch.Tensor:  # [..., 4] -> [...,
     bad = ~(torch.isfinite(norm) & (norm > 0))
     if bad.any():
         index = bad.reshape(-1).nonzero()[0].item()
-        raise Vist3AInputError(f"rotations: quaternion {index} has zero or non-finite norm; cannot normalise")
+        raise Vist3AInputError(f"rotations: quaternion {index} has zero or non-finite norm; cannot normalise it")
     return (q64 / norm).to(q.dtype)
 
 
@@ -142,10 +142,10 @@ class GaussianScene:
         so a file this class wrote reads back bit-exact while raw trainer output still loads."""
         tensors = {name: torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in _FIELD_NAMES}
         q = tensors["rotations"]
-        off = ((q.double().norm(dim=-1) - 1).abs() > _rotation_tolerance(q.dtype))
+        off = ~((q.double().norm(dim=-1) - 1).abs() <= _rotation_tolerance(q.dtype))  # NaN counts as off
         try:
             if off.any():
-                q[off] = normalize_quaternions(q[off])
+                tensors["rotations"] = torch.where(off[:, None], normalize_quaternions(q), q)
             return cls(**tensors)
         except Vist3AInputError as err:
             raise Vist3AInputError(f"{path}: {err}") from err
