@@ -1,0 +1,140 @@
+"""Building the decoder from the official artifacts without holding two copies of the weights.
+
+The module tree is created with parameters on the meta device (buffers, which are small and
+derived from the config, stay real); every weight is then read from the memory-mapped files,
+LoRA-merged where the checkpoint has LoRA for it, cast, and assigned in place
+(``load_state_dict(assign=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints.lora import LoraSpec, lora_module_names, merge_lora, parse_lora_spec
+from ..checkpoints.official import (cut_base_state, find_anysplat_weights, read_anysplat_base,
+                                    read_stitched_checkpoint, replace_dino_tokens)
+from ..errors import CheckpointError, ConfigError
+from .config import DecoderConfig
+from .network import ReconstructionModel, StitchedDecoder
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create ``nn.Parameter``s on the meta device (no memory); buffers are created normally."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def resolve_config(config, base_weights) -> DecoderConfig:
+    """The decoder config; a released AnySplat folder's ``config.json`` fills a missing ``anysplat``."""
+    if config is None or isinstance(config, DecoderConfig):
+        raw = {} if config is None else config.to_dict()
+    elif isinstance(config, dict):
+        raw = dict(config)
+    else:
+        raw = _read_json(Path(config))
+    if "anysplat" not in raw and base_weights is not None:
+        _, folder_config = find_anysplat_weights(base_weights)
+        if folder_config is not None:
+            raw["anysplat"] = folder_config
+    return DecoderConfig.from_dict(raw)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"decoder config not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"decoder config {path} is not valid JSON: {err}") from None
+
+
+def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torch.dtype = torch.float32,
+                          device: str | torch.device = "cpu") -> StitchedDecoder:
+    """The VIST3A stitched decoder from the official files, LoRA merged, in eval mode.
+
+    ``config``: path to / dict of a config laid out like the fixtures' ``config.json`` (or
+    None: official values); ``base_weights``: AnySplat ``model.safetensors`` or its released
+    folder; ``stitched_checkpoint``: ``anysplat_stitched.pth`` (or its safetensors twin).
+    """
+    _check_dtype(dtype)
+    cfg = resolve_config(config, base_weights)
+    ckpt = read_stitched_checkpoint(stitched_checkpoint)
+    spec = parse_lora_spec(cfg.stitching.lora_config)
+    with meta_parameters():
+        model = StitchedDecoder(cfg)
+    state = replace_dino_tokens(cut_base_state(read_anysplat_base(base_weights),
+                                               cfg.stitching.stitched_layer_index), ckpt)
+    _check_lora_rank(ckpt["lora"], spec)
+    state = merge_lora(state, ckpt["lora"], spec, lora_targets(model, spec))
+    state.update({f"stitching_layer.{k}": v for k, v in ckpt["stitching_layer"].items()})
+    _assign(model, state, dtype, device)
+    return model.eval()
+
+
+def load_reconstruction_model(config, base_weights, dtype: torch.dtype = torch.float32,
+                              device: str | torch.device = "cpu") -> ReconstructionModel:
+    """AnySplat as released (images in), from its base weights."""
+    _check_dtype(dtype)
+    cfg = resolve_config(config, base_weights)
+    with meta_parameters():
+        model = ReconstructionModel(cfg)
+    _assign(model, dict(read_anysplat_base(base_weights)), dtype, device)
+    return model.eval()
+
+
+def lora_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Official names of the modules the official ``add_lora`` wraps: every Linear and Conv2d
+    under the network (not the stitching conv) whose name contains a target string."""
+    return [name for name, module in model.named_modules()
+            if name.startswith("encoder.") and isinstance(module, (nn.Linear, nn.Conv2d)) and spec.targets(name)]
+
+
+def _check_lora_rank(lora_state: dict, spec: LoraSpec) -> None:
+    for name in lora_module_names(lora_state):
+        A = lora_state.get(f"{name}.lora_A")
+        if A is not None and A.dim() == 2 and A.shape[0] % spec.r:
+            raise CheckpointError(f"LoRA of {name!r} has rank {A.shape[0]}, which does not match the "
+                                  f"spec's r={spec.r} ({spec!r})")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype}")
+
+
+def _assign(model: nn.Module, state: dict, dtype: torch.dtype, device) -> None:
+    """Strict load with ``assign=True``: each tensor becomes the parameter (no second copy)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the model built from the config: {len(missing)} missing "
+                              f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise CheckpointError(f"{key}: the file has shape {list(state[key].shape)}, the config gives "
+                                  f"{list(target.shape)} (is the config for these weights?)")
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    for module in model.modules():  # buffers were built on the CPU in float32
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device=device, dtype=dtype if buf.is_floating_point() else buf.dtype)
