@@ -1,0 +1,110 @@
+"""``render(scene, camera)``: the public entry point, dispatching to a rasterizer backend.
+
+Backends: ``"torch"`` (the differentiable reference, always present). ``"cpu"`` (C++) and
+``"triton"`` are planned; asking for them raises until they are built. ``"auto"`` picks the
+fastest available one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import Vist3AInputError
+from .reference import RasterConfig, RenderOutput, rasterize_gaussians
+
+KNOWN_BACKENDS = ("torch", "cpu", "triton")
+_FASTEST_FIRST = ("triton", "cpu", "torch")
+_SCENE_FIELDS = ("means", "scales", "rotations", "sh", "opacities")
+_CAMERA_FIELDS = ("camtoworld", "K", "width", "height")
+
+
+def available_backends() -> list[str]:
+    """Backends that can render in this installation."""
+    return ["torch"]
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend ``backend`` names ("auto" -> fastest available); raises if unusable."""
+    available = available_backends()
+    if backend == "auto":
+        return next(name for name in _FASTEST_FIRST if name in available)
+    if backend not in KNOWN_BACKENDS:
+        raise Vist3AInputError(
+            f"unknown render backend {backend!r}; choose one of {['auto', *KNOWN_BACKENDS]}")
+    if backend not in available:
+        raise Vist3AInputError(
+            f"render backend {backend!r} is not available in this build (its rasterizer is not "
+            f"built); available: {available}, or 'auto'")
+    return backend
+
+
+def _fields(obj, names: Sequence[str], what: str) -> list:
+    missing = [name for name in names if not hasattr(obj, name)]
+    if missing:
+        raise Vist3AInputError(
+            f"{what} ({type(obj).__name__}) lacks {missing}; it needs attributes {list(names)}")
+    return [getattr(obj, name) for name in names]
+
+
+def _as_background(background, like: torch.Tensor) -> torch.Tensor | None:
+    if background is None:
+        return None
+    if not isinstance(background, torch.Tensor):
+        try:
+            background = torch.tensor(background, dtype=like.dtype)
+        except (TypeError, ValueError) as err:
+            raise Vist3AInputError(f"background must be 3 numbers (RGB), got {background!r}") from err
+    return background.to(dtype=like.dtype, device=like.device)
+
+
+def _world_to_camera(camtoworld: torch.Tensor) -> torch.Tensor:  # [4, 4] -> [4, 4]
+    if camtoworld.shape != (4, 4):
+        raise Vist3AInputError(f"camera.camtoworld must be [4,4] or [T,4,4], got {list(camtoworld.shape)}")
+    if not torch.isfinite(camtoworld).all():
+        raise Vist3AInputError("camera.camtoworld has non-finite values (nan or inf)")
+    viewmat, info = torch.linalg.inv_ex(camtoworld)
+    if info.item() != 0:
+        raise Vist3AInputError(f"camera.camtoworld is singular: {camtoworld.tolist()}")
+    return viewmat
+
+
+def _camera_views(camera, like: torch.Tensor) -> tuple[list, list, int, int, bool]:
+    """(camtoworld list, K list, width, height, batched) in ``like``'s dtype and device."""
+    camtoworld, K, width, height = _fields(camera, _CAMERA_FIELDS, "camera")
+    camtoworld, K = (torch.as_tensor(m).to(dtype=like.dtype, device=like.device) for m in (camtoworld, K))
+    if camtoworld.dim() == 2 and K.dim() == 2:
+        return [camtoworld], [K], width, height, False
+    if camtoworld.dim() != 3 or K.dim() != 3 or len(camtoworld) != len(K) or len(K) == 0:
+        raise Vist3AInputError(
+            f"camera needs camtoworld [4,4] and K [3,3], or [T,4,4] and [T,3,3] with the same T >= 1, "
+            f"got {list(camtoworld.shape)} and {list(K.shape)}")
+    return list(camtoworld), list(K), width, height, True
+
+
+def render(
+    scene,  # .means [N,3], .scales [N,3], .rotations [N,4] (w first), .sh [N,K,3], .opacities [N]
+    camera,  # .camtoworld [4,4] or [T,4,4], .K [3,3] or [T,3,3] (pixels), .width, .height
+    backend: str = "auto",
+    background=None,  # [3] RGB (tensor or sequence); black when None
+    config: RasterConfig | None = None,
+) -> RenderOutput:
+    """Render ``scene`` from ``camera`` (a Camera, or a Cameras batch -> outputs with a leading T).
+
+    Camera tensors are moved to the scene's dtype and device; world-to-camera is
+    ``inverse(camtoworld)``. Returns RenderOutput(color [H,W,3], depth [H,W,1], alpha [H,W,1], radii [N]).
+    """
+    resolve_backend(backend)  # only "torch" can come back today
+    means, scales, rotations, sh, opacities = _fields(scene, _SCENE_FIELDS, "scene")
+    if not isinstance(means, torch.Tensor):
+        raise Vist3AInputError(f"scene.means must be a torch.Tensor, got {type(means).__name__}")
+    camtoworlds, Ks, width, height, batched = _camera_views(camera, means)
+    background = _as_background(background, means)
+    config = config or RasterConfig()
+    views = [rasterize_gaussians(means, rotations, scales, opacities, sh, _world_to_camera(c2w), K,
+                                 width, height, background, config) for c2w, K in zip(camtoworlds, Ks)]
+    if not batched:
+        return views[0]
+    return RenderOutput(*(torch.stack([getattr(v, f) for v in views])
+                          for f in ("color", "depth", "alpha", "radii")))
