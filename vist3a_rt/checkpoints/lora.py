@@ -125,20 +125,35 @@ def merge_lora(state: dict[str, torch.Tensor], lora_state: dict[str, torch.Tenso
     hold LoRA factors for exactly those (a mismatch means a foreign or wrong-config file).
     Saved biases of LoRA modules replace the base biases (official "lora_only" bias mode).
     """
+    found = check_lora_state(lora_state, expected_modules, spec)
+    merged = dict(state)
+    for name in found:
+        merged[f"{name}.weight"] = merged_weight(name, merged[f"{name}.weight"], lora_state, spec)
+        if f"{name}.bias" in lora_state:
+            merged[f"{name}.bias"] = replacement_bias(name, merged.get(f"{name}.bias"), lora_state)
+    return merged
+
+
+def check_lora_state(lora_state: dict[str, torch.Tensor], expected_modules: list[str], spec: LoraSpec) -> list[str]:
+    """Validate a checkpoint's LoRA entries against the model's targets; returns the module names."""
     found = lora_module_names(lora_state)
     _check_same_modules(found, expected_modules)
     _check_no_stray_keys(lora_state, set(found))
-    merged = dict(state)
     for name in found:
-        A, B = _factors(lora_state, name)
-        base = merged[f"{name}.weight"]
-        delta = lora_delta(base, A, B, name)
-        if spec.fan_in_fan_out:
-            base = _fan_in_fan_out_base(base, name)
-        merged[f"{name}.weight"] = (base.to(torch.float32) + spec.scaling * delta).to(base.dtype)
-        if f"{name}.bias" in lora_state:
-            merged[f"{name}.bias"] = _replacement_bias(merged, lora_state, name)
-    return merged
+        A, _ = _factors(lora_state, name)
+        if A.dim() != 2 or A.shape[0] % spec.r:
+            raise CheckpointError(f"LoRA of {name!r} has lora_A of shape {list(A.shape)}, which does not fit "
+                                  f"the spec's rank r={spec.r}")
+    return found
+
+
+def merged_weight(name: str, base: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.Tensor:
+    """``base + scaling * B @ A`` for one module (a new tensor; ``base`` is left untouched)."""
+    A, B = _factors(lora_state, name)
+    delta = lora_delta(base, A, B, name)
+    if spec.fan_in_fan_out:
+        base = _fan_in_fan_out_base(base, name)
+    return (base.to(torch.float32) + spec.scaling * delta).to(base.dtype)
 
 
 def _factors(lora_state, name):
@@ -157,14 +172,14 @@ def _fan_in_fan_out_base(base: torch.Tensor, name: str) -> torch.Tensor:
     return base.t()
 
 
-def _replacement_bias(merged, lora_state, name):
-    key = f"{name}.bias"
-    if key not in merged:
+def replacement_bias(name: str, base_bias: torch.Tensor | None, lora_state: dict) -> torch.Tensor:
+    """The checkpoint's saved bias of a LoRA module, which replaces the base bias."""
+    saved = lora_state[f"{name}.bias"]
+    if base_bias is None:
         raise CheckpointError(f"checkpoint has a bias for LoRA module {name!r}, which has no bias in the model")
-    if lora_state[key].shape != merged[key].shape:
-        raise CheckpointError(f"bias of {name!r}: checkpoint {list(lora_state[key].shape)}, "
-                              f"model {list(merged[key].shape)}")
-    return lora_state[key].to(merged[key].dtype)
+    if saved.shape != base_bias.shape:
+        raise CheckpointError(f"bias of {name!r}: checkpoint {list(saved.shape)}, model {list(base_bias.shape)}")
+    return saved.to(base_bias.dtype)
 
 
 def _check_same_modules(found: list[str], expected: list[str]) -> None:

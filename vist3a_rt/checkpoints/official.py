@@ -12,9 +12,13 @@ Names stay official here; the decoder maps them onto its own modules.
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import re
+import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,18 +27,88 @@ from ..errors import CheckpointError
 
 STITCHED_KEYS = ("lora", "stitching_layer", "mask_token", "cls_token", "register_tokens")
 DINO_PREFIX = "encoder.aggregator.patch_embed."
+DINO_TOKENS = ("mask_token", "cls_token", "register_tokens")  # replaced by the stitched checkpoint
 _DINO_BLOCK = re.compile(r"^encoder\.aggregator\.patch_embed\.blocks\.(\d+)\.(.+)$")
 
 
-def read_safetensors(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (memory-mapped: no copy until used)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
 
-    try:
-        return load_file(str(path)) if mmap else {k: v.clone() for k, v in load_file(str(path)).items()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
+
+class SafetensorsFile(Mapping):
+    """A safetensors file read one tensor at a time, each into its own fresh memory.
+
+    Unlike a memory map, nothing stays resident once a tensor has been consumed, so a loader
+    that converts and assigns tensor by tensor peaks at about one model's worth of memory.
+    The header is validated up front: a truncated or foreign file fails before any weight
+    is read, naming the problem.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                self._entries, self._data_start = self._read_header(handle, os.fstat(handle.fileno()).st_size)
+        except OSError as err:
+            raise CheckpointError(f"cannot read safetensors file {self.path}: {err}") from err
+
+    def _read_header(self, handle, file_size: int) -> tuple[dict, int]:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{self.path} is not a safetensors file (only {len(prefix)} bytes)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > min(file_size - 8, 100 << 20):
+            raise CheckpointError(f"{self.path} is not a safetensors file (header length {header_len} "
+                                  f"does not fit a {file_size}-byte file)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{self.path} has a corrupt safetensors header: {err}") from None
+        header.pop("__metadata__", None)
+        entries = {name: self._entry(name, info) for name, info in header.items()}
+        data_size = file_size - 8 - header_len
+        for name, (_, _, (begin, end)) in entries.items():
+            if end > data_size:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the "
+                                      f"data section, which holds only {data_size} bytes")
+        return entries, 8 + header_len
+
+    def _entry(self, name: str, info) -> tuple:
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: bad header entry for {name!r}: {err!r}") from None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+        return dtype, shape, (begin, end)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self._entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            buffer = tensor.view(-1).view(torch.uint8).numpy()
+            with open(self.path, "rb") as handle:
+                handle.seek(self._data_start + begin)
+                if handle.readinto(buffer) != end - begin:
+                    raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (small) safetensors file, eagerly."""
+    reader = SafetensorsFile(path)
+    return {name: reader[name] for name in reader}
 
 
 def find_anysplat_weights(source: str | Path) -> tuple[Path, dict | None]:
@@ -50,10 +124,10 @@ def find_anysplat_weights(source: str | Path) -> tuple[Path, dict | None]:
     return path, None
 
 
-def read_anysplat_base(source: str | Path) -> dict[str, torch.Tensor]:
-    """AnySplat base weights under their official names; rejects files that are not AnySplat."""
+def read_anysplat_base(source: str | Path) -> SafetensorsFile:
+    """AnySplat base weights under their official names, read lazily; rejects files that are not AnySplat."""
     weights, _ = find_anysplat_weights(source)
-    state = read_safetensors(weights)
+    state = SafetensorsFile(weights)
     if not any(k.startswith("encoder.aggregator.") for k in state):
         raise CheckpointError(f"{weights} does not look like AnySplat weights "
                               f"(no 'encoder.aggregator.*' tensors; first keys: {sorted(state)[:3]})")
@@ -119,25 +193,30 @@ def _all_tensors(raw: dict):
             yield key, value
 
 
-def cut_base_state(base: dict[str, torch.Tensor], stitch_index: int) -> dict[str, torch.Tensor]:
-    """The base state as the stitched model names it: patch conv and the first
-    ``stitch_index`` DINO blocks removed, the remaining blocks renumbered from 0."""
-    cut = {}
-    for key, value in base.items():
+def stitched_names(base_names, stitch_index: int) -> dict[str, str]:
+    """Map stitched-model names to base names: the patch conv and the first ``stitch_index``
+    DINO blocks are removed and the remaining blocks renumbered from 0 (a ModuleList deletion)."""
+    names = {}
+    for key in base_names:
         if key.startswith(DINO_PREFIX + "patch_embed."):
             continue
         match = _DINO_BLOCK.match(key)
         if match is None:
-            cut[key] = value
+            names[key] = key
         elif int(match[1]) >= stitch_index:
-            cut[f"{DINO_PREFIX}blocks.{int(match[1]) - stitch_index}.{match[2]}"] = value
-    return cut
+            names[f"{DINO_PREFIX}blocks.{int(match[1]) - stitch_index}.{match[2]}"] = key
+    return names
+
+
+def cut_base_state(base: Mapping[str, torch.Tensor], stitch_index: int) -> dict[str, torch.Tensor]:
+    """The base state as the stitched model names it (eager; see ``stitched_names``)."""
+    return {new: base[old] for new, old in stitched_names(base, stitch_index).items()}
 
 
 def replace_dino_tokens(state: dict[str, torch.Tensor], ckpt: dict) -> dict[str, torch.Tensor]:
     """The checkpoint's DINO special tokens replace the base ones (shapes must agree)."""
     state = dict(state)
-    for key in ("mask_token", "cls_token", "register_tokens"):
+    for key in DINO_TOKENS:
         name = DINO_PREFIX + key
         if name in state and state[name].shape != ckpt[key].shape:
             raise CheckpointError(f"checkpoint {key} has shape {list(ckpt[key].shape)}, "

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoints.lora import LoraSpec, lora_module_names, merge_lora, parse_lora_spec
-from ..checkpoints.official import (cut_base_state, find_anysplat_weights, read_anysplat_base,
-                                    read_stitched_checkpoint, replace_dino_tokens)
+from ..checkpoints.lora import LoraSpec, check_lora_state, merged_weight, parse_lora_spec, replacement_bias
+from ..checkpoints.official import (DINO_PREFIX, DINO_TOKENS, find_anysplat_weights, read_anysplat_base,
+                                    read_stitched_checkpoint, stitched_names)
 from ..errors import CheckpointError, ConfigError
 from .config import DecoderConfig
 from .network import ReconstructionModel, StitchedDecoder
@@ -81,12 +81,26 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
     spec = parse_lora_spec(cfg.stitching.lora_config)
     with meta_parameters():
         model = StitchedDecoder(cfg)
-    state = replace_dino_tokens(cut_base_state(read_anysplat_base(base_weights),
-                                               cfg.stitching.stitched_layer_index), ckpt)
-    _check_lora_rank(ckpt["lora"], spec)
-    state = merge_lora(state, ckpt["lora"], spec, lora_targets(model, spec))
-    state.update({f"stitching_layer.{k}": v for k, v in ckpt["stitching_layer"].items()})
-    _assign(model, state, dtype, device)
+    base = read_anysplat_base(base_weights)
+    sources = stitched_names(base, cfg.stitching.stitched_layer_index)
+    lora_modules = set(check_lora_state(ckpt["lora"], lora_targets(model, spec), spec))
+
+    def produce(key: str) -> torch.Tensor:
+        if key.startswith("stitching_layer."):
+            return ckpt["stitching_layer"][key.removeprefix("stitching_layer.")]
+        if key.removeprefix(DINO_PREFIX) in DINO_TOKENS:
+            return ckpt[key.removeprefix(DINO_PREFIX)]
+        tensor = base[sources[key]]
+        module, leaf = key.rsplit(".", 1)
+        if module in lora_modules and leaf == "weight":
+            return merged_weight(module, tensor, ckpt["lora"], spec)
+        if module in lora_modules and leaf == "bias" and key in ckpt["lora"]:
+            return replacement_bias(module, tensor, ckpt["lora"])
+        return tensor
+
+    available = set(sources) | {f"stitching_layer.{k}" for k in ckpt["stitching_layer"]}
+    available |= {DINO_PREFIX + t for t in DINO_TOKENS}
+    _assign(model, available, produce, dtype, device)
     return model.eval()
 
 
@@ -97,7 +111,8 @@ def load_reconstruction_model(config, base_weights, dtype: torch.dtype = torch.f
     cfg = resolve_config(config, base_weights)
     with meta_parameters():
         model = ReconstructionModel(cfg)
-    _assign(model, dict(read_anysplat_base(base_weights)), dtype, device)
+    base = read_anysplat_base(base_weights)
+    _assign(model, set(base), base.__getitem__, dtype, device)
     return model.eval()
 
 
@@ -108,33 +123,27 @@ def lora_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
             if name.startswith("encoder.") and isinstance(module, (nn.Linear, nn.Conv2d)) and spec.targets(name)]
 
 
-def _check_lora_rank(lora_state: dict, spec: LoraSpec) -> None:
-    for name in lora_module_names(lora_state):
-        A = lora_state.get(f"{name}.lora_A")
-        if A is not None and A.dim() == 2 and A.shape[0] % spec.r:
-            raise CheckpointError(f"LoRA of {name!r} has rank {A.shape[0]}, which does not match the "
-                                  f"spec's r={spec.r} ({spec!r})")
-
-
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in _FLOAT_DTYPES:
         raise ConfigError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype}")
 
 
-def _assign(model: nn.Module, state: dict, dtype: torch.dtype, device) -> None:
-    """Strict load with ``assign=True``: each tensor becomes the parameter (no second copy)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _assign(model: nn.Module, available: set[str], produce: Callable[[str], torch.Tensor],
+            dtype: torch.dtype, device) -> None:
+    """Strict load with ``assign=True``, one tensor at a time: each produced tensor (read from
+    disk, merged, cast) becomes the parameter, so peak memory stays near one model's size."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - available), sorted(available - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"weights do not match the model built from the config: {len(missing)} missing "
                               f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-    for key, target in expected.items():
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise CheckpointError(f"{key}: the file has shape {list(state[key].shape)}, the config gives "
-                                  f"{list(target.shape)} (is the config for these weights?)")
-    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
+    for key, shape in expected.items():
+        tensor = produce(key)
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{key}: the file has shape {list(tensor.shape)}, the config gives "
+                                  f"{list(shape)} (is the config for these weights?)")
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        model.load_state_dict({key: tensor}, strict=False, assign=True)
     for module in model.modules():  # buffers were built on the CPU in float32
         for name, buf in module.named_buffers(recurse=False):
             module._buffers[name] = buf.to(device=device, dtype=dtype if buf.is_floating_point() else buf.dtype)
