@@ -137,13 +137,14 @@ def _assign(model: nn.Module, available: set[str], produce: Callable[[str], torc
     if missing or unexpected:
         raise CheckpointError(f"weights do not match the model built from the config: {len(missing)} missing "
                               f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    state = {}  # the meta model holds no memory, so these tensors are the only copy
     for key, shape in expected.items():
         tensor = produce(key)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{key}: the file has shape {list(tensor.shape)}, the config gives "
                                   f"{list(shape)} (is the config for these weights?)")
-        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        model.load_state_dict({key: tensor}, strict=False, assign=True)
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
     for module in model.modules():  # buffers were built on the CPU in float32
         for name, buf in module.named_buffers(recurse=False):
             module._buffers[name] = buf.to(device=device, dtype=dtype if buf.is_floating_point() else buf.dtype)
