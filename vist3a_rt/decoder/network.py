@@ -233,12 +233,25 @@ class StitchedDecoder(nn.Module):
                                    f"but frames has {frames.shape[2]}")
         self._check_grid(latent, frames)
 
+    def token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns of the stitched token grid for a latent of spatial size ``latent_hw``."""
+        layer = self.stitching_layer
+        rows, cols = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                      zip(latent_hw, layer.kernel_size[1:], layer.stride[1:], layer.padding[1:], layer.dilation[1:]))
+        return rows, cols
+
+    def frame_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The frame size (H, W) the decoder expects with such a latent: one patch per token."""
+        patch = self.config.architecture.patch_size
+        rows, cols = self.token_grid(latent_hw)
+        return rows * patch, cols * patch
+
     def _check_grid(self, latent: Tensor, frames: Tensor) -> None:
-        layer, patch = self.stitching_layer, self.config.architecture.patch_size
-        grid = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-                zip(latent.shape[3:], layer.kernel_size[1:], layer.stride[1:], layer.padding[1:], layer.dilation[1:])]
-        image_grid = [n // patch for n in frames.shape[3:]]
+        patch = self.config.architecture.patch_size
+        grid = self.token_grid(tuple(latent.shape[3:]))
+        image_grid = tuple(n // patch for n in frames.shape[3:])
         if grid != image_grid:
             raise Vist3AInputError(
                 f"latent {list(latent.shape[3:])} gives a {grid[0]}x{grid[1]} token grid but frames "
-                f"{list(frames.shape[3:])} give {image_grid[0]}x{image_grid[1]} patches of {patch} px")
+                f"{list(frames.shape[3:])} give {image_grid[0]}x{image_grid[1]} patches of {patch} px "
+                f"(expected frames of {grid[0] * patch}x{grid[1] * patch})")
