@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import sys
+from pathlib import Path
 
 import click
 
@@ -54,18 +55,57 @@ def info() -> None:
         click.echo(line)
 
 
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text file with one prompt per line (blank lines and lines starting with # skipped); "
+                   "each prompt gets its own folder under --out and the seed base+index.")
+@click.option("--model", default="nano", show_default=True,
+              help="'nano' (embedded) or a model folder laid out as released (wan/, anysplat/, anysplat_stitched.pth).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: out/<prompt-slug>). Must not exist or be empty.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (official: 50).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (official: 7.5).")
+@click.option("--frames", type=int, default=None, help="Video frames, 4k+1 (official: 13).")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--negative-prompt", default=None, help="Replaces the official negative prompt.")
+@click.option("--sampler", type=click.Choice(["unipc", "euler"]), default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--no-preview", is_flag=True, help="Skip the preview video.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames, height, width,
+             negative_prompt, sampler, device, backend, no_preview, overwrite) -> None:
+    """Generate a 3D Gaussian scene from PROMPT (or from each line of --prompts)."""
+    from .pipeline import Vist3A
+    from .pipeline.batch import plan_jobs
+
+    jobs = plan_jobs(prompt, prompts_file, out_dir, seed)
+    rt = Vist3A.load(model, backend=backend, device=device)
+    settings = dict(num_steps=steps, guidance_scale=guidance, num_frames=frames, height=height, width=width,
+                    negative_prompt=negative_prompt, sampler=sampler)
+    for job in jobs:
+        result = rt.generate(job.prompt, seed=job.seed, progress=True, **settings)
+        written = result.save(job.out_dir, preview=not no_preview, overwrite=overwrite)
+        click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
     except Vist3AInputError as err:
         click.echo(f"error: {err}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
         return 1
     except click.ClickException as err:
         err.show()
         return 2
+    except click.exceptions.Exit as done:  # --help / --version
+        return done.exit_code
     return 0
 
 
