@@ -99,11 +99,17 @@ def lora_module_names(lora_state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k[: -len(s)] for k in lora_state for s in LORA_SUFFIXES if k.endswith(s)})
 
 
-def lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, name: str) -> torch.Tensor:
-    """The dense update B @ A laid out like ``weight`` (Linear [out,in] or Conv2d [out,in,k,k])."""
+def lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, name: str,
+               rank: int | None = None) -> torch.Tensor:
+    """The dense update B @ A laid out like ``weight`` (Linear [out,in] or Conv2d [out,in,k,k]).
+    With ``rank``, A must have exactly r rows (r·k for a k x k conv), as the spec declares."""
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
         raise CheckpointError(f"LoRA factors of {name!r} have incompatible shapes "
                               f"A {list(lora_A.shape)}, B {list(lora_B.shape)}")
+    kernel = weight.shape[2] if weight.dim() == 4 else 1
+    if rank is not None and lora_A.shape[0] != rank * kernel:
+        raise CheckpointError(f"LoRA of {name!r} has rank {lora_A.shape[0] // kernel} (lora_A {list(lora_A.shape)}), "
+                              f"but the LoRA spec says r={rank}")
     product = lora_B.to(torch.float32) @ lora_A.to(torch.float32)
     if product.numel() != weight.numel():
         raise CheckpointError(f"LoRA of {name!r}: B@A has shape {list(product.shape)}, which does not fit "
@@ -150,7 +156,7 @@ def check_lora_state(lora_state: dict[str, torch.Tensor], expected_modules: list
 def merged_weight(name: str, base: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.Tensor:
     """``base + scaling * B @ A`` for one module (a new tensor; ``base`` is left untouched)."""
     A, B = _factors(lora_state, name)
-    delta = lora_delta(base, A, B, name)
+    delta = lora_delta(base, A, B, name, rank=spec.r)
     if spec.fan_in_fan_out:
         base = _fan_in_fan_out_base(base, name)
     return (base.to(torch.float32) + spec.scaling * delta).to(base.dtype)

@@ -210,11 +210,23 @@ class DecoderConfig:
         if not 0 < self.stitching.stitched_layer_index <= arch.dino_depth:
             raise ConfigError(f"stitching location {self.stitching.stitching_layer_location!r} is outside "
                               f"the {arch.dino_depth} DINO blocks")
+        self._validate_stitching_conv()
         if self.encoder.pred_head_type != "depth":
             raise ConfigError("only pred_head_type 'depth' is supported (the stitched forward needs the depth head)")
         taps = arch.stitched_intermediate_layer_idx
         if not taps or max(taps) >= arch.agg_depth or min(taps) < 0:
             raise ConfigError(f"tapped aggregator layers {taps} must lie in [0, {arch.agg_depth})")
+
+
+    def _validate_stitching_conv(self) -> None:
+        from .stitching import parse_conv_spec  # the conv-spec grammar lives with the layer
+
+        spec = parse_conv_spec(self.stitching.stitching_layer_config)
+        if spec.dim != 3:
+            raise ConfigError(f"the stitching layer needs a conv3d spec, got {self.stitching.stitching_layer_config!r}")
+        if spec.out_channels != self.architecture.embed_dim:
+            raise ConfigError(f"stitching conv {self.stitching.stitching_layer_config!r} outputs "
+                              f"{spec.out_channels} channels but the network width is {self.architecture.embed_dim}")
 
 
 # Keys the fixtures' sections carry for documentation (parsed fields, lists) that are not settings.

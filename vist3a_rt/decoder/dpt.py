@@ -61,7 +61,7 @@ def add_uv_pos_embed(x: Tensor, image_w: int, image_h: int) -> Tensor:
     grid = uv_grid(w, h, image_w / image_h, x.dtype, x.device).reshape(-1, 2)
     code = torch.cat([sincos_embed(grid[:, 0], channels // 2), sincos_embed(grid[:, 1], channels // 2)], dim=-1)
     code = code.view(h, w, channels) * POS_EMBED_RATIO
-    return x + code.permute(2, 0, 1)[None].expand(n, -1, -1, -1)
+    return x + code.permute(2, 0, 1)[None].expand(n, -1, -1, -1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- fusion blocks

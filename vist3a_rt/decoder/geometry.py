@@ -83,7 +83,8 @@ def unproject_depth(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Te
 def camera_to_world(extrinsics: Tensor) -> Tensor:
     """Camera-from-world [..., 3, 4] -> camera-to-world [..., 4, 4] by a general 4x4 inverse (official)."""
     bottom = extrinsics.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(*extrinsics.shape[:-2], 1, 4)
-    return torch.linalg.inv(torch.cat([extrinsics, bottom], dim=-2))
+    # linalg.inv has no bf16/fp16 kernels: invert in float32 (a no-op cast in the float32 path)
+    return torch.linalg.inv(torch.cat([extrinsics, bottom], dim=-2).float()).to(extrinsics.dtype)
 
 
 def normalize_intrinsics(intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:

@@ -197,10 +197,6 @@ class StitchedDecoder(nn.Module):
         self.stitching_layer = StitchingLayer(config.stitching.stitching_layer_config,
                                               in_channels=config.stitching.latent_channels,
                                               temporal_compression=config.stitching.temporal_compression)
-        if self.stitching_layer.out_channels != config.architecture.embed_dim:
-            raise Vist3AInputError(
-                f"stitching conv {config.stitching.stitching_layer_config!r} outputs "
-                f"{self.stitching_layer.out_channels} channels but the network width is {config.architecture.embed_dim}")
         self.encoder = AnySplatEncoder(config, stitched=True)
 
     def forward(self, latent: Tensor,  # [B, C_lat, T_lat, h, w] (de-normalized VAE latents)
