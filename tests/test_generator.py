@@ -61,6 +61,16 @@ def tiny_pipeline():
                        scheduler=scheduler, transformer=perturb(transformer))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: each op is latency-bound, and a 2-thread OpenMP pool on a busy
+    2-core machine costs ~10x in barriers. One thread is faster and gives the same numbers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan")
@@ -332,3 +342,26 @@ def test_resize_is_per_frame_bilinear_with_half_pixel_centres():
     assert resized.shape == (2, 3, 5, 28, 28)
     torch.testing.assert_close(resized, per_frame, atol=1e-6, rtol=0)
     assert resize_frames(frames, (20, 24)).shape == (2, 3, 5, 20, 24)
+
+
+def test_truncated_weights_name_the_subfolder(wan_dir, tmp_path):
+    folder = tmp_path / "wan"
+    shutil.copytree(wan_dir, folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot load vae/"):
+        WanGenerator.from_folder(folder)
+
+
+def test_lora_without_weights_for_a_target(wan_dir, lora_dir, tmp_path):
+    bad = _edit_adapter(lora_dir, tmp_path, target_modules=LORA_TARGETS + ["ffn.net.2"])
+    with pytest.raises(CheckpointError, match=r"no LoRA weights for 2 targeted modules, e.g. \['blocks.0.ffn.net.2'"):
+        WanGenerator.from_folder(wan_dir, bad)
+
+
+def test_bfloat16_runs_with_float32_latents(wan_dir, lora_dir, embeds):
+    gen = WanGenerator.from_folder(wan_dir, lora_dir, dtype=torch.bfloat16)
+    assert gen.transformer.dtype == torch.bfloat16 and gen.vae.dtype == torch.float32
+    out = gen.sample(*embeds, num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_steps=2, seed=0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert gen.encode_prompt(["a red cube"]).dtype == torch.bfloat16

@@ -6,10 +6,13 @@ The folder is what ``WanPipeline.save_pretrained`` writes (the released
     model_index.json  transformer/  vae/  text_encoder/  tokenizer/  scheduler/
 
 Every piece is loaded with its own diffusers / transformers class and
-``local_files_only=True``; nothing is ever fetched. Before diffusers or transformers is first
-imported, ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set unless the user already set
-them (``os.environ.setdefault``), so a stray hub lookup fails fast instead of hanging on a
-machine without network.
+``local_files_only=True``; nothing is ever fetched. In addition, before diffusers, transformers
+or peft is first imported, ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set unless the
+user already set them (``os.environ.setdefault``: an explicit user value wins), so a stray hub
+lookup fails fast instead of hanging on a machine without network. (huggingface_hub reads the
+variable once, at import; if the host program imported it earlier, ``local_files_only`` alone
+still keeps every load local.) Library load failures become ``CheckpointError`` naming the
+subfolder.
 
 The reward-aligned LoRA is a PEFT adapter folder (``adapter_config.json`` +
 ``adapter_model.safetensors``). It is checked against the transformer's module names first (a
@@ -20,8 +23,10 @@ the generator runs plain linear layers and the LoRA costs nothing at inference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,17 +75,34 @@ def load_wan_components(wan_dir: str | Path, lora_dir: str | Path | None = None,
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(wan_dir / "tokenizer", local_files_only=True)
-    text_encoder = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder", dtype=dtype, local_files_only=True)
-    transformer = WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer", torch_dtype=dtype,
+    with _loading(wan_dir, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(wan_dir / "tokenizer", local_files_only=True)
+    with _loading(wan_dir, "text_encoder"):
+        text_encoder = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder", dtype=dtype,
                                                         local_files_only=True)
+    with _loading(wan_dir, "transformer"):
+        transformer = WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer", torch_dtype=dtype,
+                                                            local_files_only=True)
     if lora_dir is not None:
         transformer = merge_lora(transformer, lora_dir)
-    vae = AutoencoderKLWan.from_pretrained(wan_dir, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
+    with _loading(wan_dir, "vae"):
+        vae = AutoencoderKLWan.from_pretrained(wan_dir, subfolder="vae", torch_dtype=vae_dtype,
+                                               local_files_only=True)
     scheduler_config = _read_json(wan_dir / "scheduler" / "scheduler_config.json")
     for module in (text_encoder, transformer, vae):
         module.to(device).eval().requires_grad_(False)
     return WanComponents(tokenizer, text_encoder, transformer, vae, scheduler_config)
+
+
+@contextlib.contextmanager
+def _loading(wan_dir: Path, sub: str) -> Iterator[None]:
+    """Library load failures (unreadable config, truncated or mismatched weights) as CheckpointError."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        if isinstance(err, Vist3AInputError):
+            raise
+        raise CheckpointError(f"cannot load {sub}/ of the Wan model folder {wan_dir}: {err}") from err
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
