@@ -21,6 +21,8 @@ _PUBLIC = {
     "Camera": "vist3a_rt.scene",
     "Cameras": "vist3a_rt.scene",
     "render": "vist3a_rt.render",
+    "Vist3A": "vist3a_rt.pipeline",
+    "GenerationResult": "vist3a_rt.pipeline",
     "Vist3AInputError": "vist3a_rt.errors",
     "CheckpointError": "vist3a_rt.errors",
     "ConfigError": "vist3a_rt.errors",
