@@ -19,3 +19,11 @@ def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "vist3a_rt.cli", "info"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "render backends" in proc.stdout
+
+
+def test_public_api_names_resolve():
+    import vist3a_rt as vr
+    import vist3a_rt.rendering  # noqa: F401 - a submodule import must not shadow vr.render
+
+    assert callable(vr.render) and callable(vr.load_stitched_decoder)
+    assert vr.GaussianScene.__name__ == "GaussianScene" and vr.Vist3A.__name__ == "Vist3A"

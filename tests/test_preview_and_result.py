@@ -15,7 +15,7 @@ from vist3a_rt.pipeline.preview import (
     render_preview, write_video,
 )
 from vist3a_rt.pipeline.result import GenerationResult
-from vist3a_rt.render import SH_C0
+from vist3a_rt.rendering import SH_C0
 from vist3a_rt.scene import Camera, Cameras, GaussianScene
 
 FILES = {"scene.ply", "cameras.json", "preview.mp4", "meta.json"}
@@ -144,7 +144,7 @@ def _project(camera, point):  # -> [2] pixel
 
 
 def test_quaternion_round_trip_covers_every_branch():
-    from vist3a_rt.render import quat_to_rotmat
+    from vist3a_rt.rendering import quat_to_rotmat
 
     q = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0.1, 0.7, -0.5, 0.3]],
                      dtype=torch.float64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vist3a_rt.errors import Vist3AInputError
-from vist3a_rt.render import (
+from vist3a_rt.rendering import (
     SH_C0, RasterConfig, eval_sh, project_gaussians, rasterize_gaussians, render, sh_basis,
     sh_degree_from_count,
 )

@@ -20,7 +20,7 @@ _PUBLIC = {
     "GaussianScene": "vist3a_rt.scene",
     "Camera": "vist3a_rt.scene",
     "Cameras": "vist3a_rt.scene",
-    "render": "vist3a_rt.render",
+    "render": "vist3a_rt.rendering",
     "Vist3A": "vist3a_rt.pipeline",
     "GenerationResult": "vist3a_rt.pipeline",
     "Vist3AInputError": "vist3a_rt.errors",

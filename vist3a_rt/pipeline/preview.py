@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import Vist3AInputError
-from ..render import render, resolve_backend
-from ..render.reference import quat_to_rotmat
+from ..rendering import render, resolve_backend
+from ..rendering.reference import quat_to_rotmat
 from ..scene import Cameras, GaussianScene
 
 SINGLE_VIEW_SWING_DEG = 15.0  # half-amplitude of the synthetic swing around a lone camera
