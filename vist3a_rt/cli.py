@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (``Vist3AInputError``), 1 internal failure.
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import sys
 from pathlib import Path
@@ -75,12 +76,15 @@ def info() -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--no-preview", is_flag=True, help="Skip the preview video.")
+@click.option("--preview-frames", type=int, default=None, help="Frames of the preview orbit video.")
+@click.option("--preview-size", type=int, default=None, help="Longer side of the preview video in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames, height, width,
-             negative_prompt, sampler, device, backend, no_preview, overwrite) -> None:
+             negative_prompt, sampler, device, backend, no_preview, preview_frames, preview_size, overwrite) -> None:
     """Generate a 3D Gaussian scene from PROMPT (or from each line of --prompts)."""
     from .pipeline import Vist3A
     from .pipeline.batch import plan_jobs
+    from .pipeline.result import DEFAULT_PREVIEW_FRAMES, DEFAULT_PREVIEW_SIZE
 
     jobs = plan_jobs(prompt, prompts_file, out_dir, seed)
     rt = Vist3A.load(model, backend=backend, device=device)
@@ -88,7 +92,9 @@ def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames
                     negative_prompt=negative_prompt, sampler=sampler)
     for job in jobs:
         result = rt.generate(job.prompt, seed=job.seed, progress=True, **settings)
-        written = result.save(job.out_dir, preview=not no_preview, overwrite=overwrite)
+        written = result.save(job.out_dir, preview=not no_preview, overwrite=overwrite,
+                              preview_frames=DEFAULT_PREVIEW_FRAMES if preview_frames is None else preview_frames,
+                              preview_size=DEFAULT_PREVIEW_SIZE if preview_size is None else preview_size)
         click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s)")
 
 
@@ -106,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as done:  # --help / --version
         return done.exit_code
+    except Exception as err:  # noqa: BLE001 - the CLI's contract: internal failures exit 1 with a message
+        click.echo(f"internal error ({type(err).__name__}): {err}", err=True)
+        if os.environ.get("VIST3A_DEBUG"):
+            raise
+        return 1
     return 0
 
 

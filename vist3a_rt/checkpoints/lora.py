@@ -99,9 +99,9 @@ def lora_module_names(lora_state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k[: -len(s)] for k in lora_state for s in LORA_SUFFIXES if k.endswith(s)})
 
 
-def lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, name: str,
-               rank: int | None = None) -> torch.Tensor:
-    """The dense update B @ A laid out like ``weight`` (Linear [out,in] or Conv2d [out,in,k,k]).
+def lora_delta_check(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, name: str,
+                     rank: int | None = None) -> None:
+    """Check that B @ A fits ``weight`` (Linear [out,in] or Conv2d [out,in,k,k]: (out·k, in·k)).
     With ``rank``, A must have exactly r rows (r·k for a k x k conv), as the spec declares."""
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
         raise CheckpointError(f"LoRA factors of {name!r} have incompatible shapes "
@@ -110,17 +110,23 @@ def lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if rank is not None and lora_A.shape[0] != rank * kernel:
         raise CheckpointError(f"LoRA of {name!r} has rank {lora_A.shape[0] // kernel} (lora_A {list(lora_A.shape)}), "
                               f"but the LoRA spec says r={rank}")
-    product = lora_B.to(torch.float32) @ lora_A.to(torch.float32)
-    if product.numel() != weight.numel():
-        raise CheckpointError(f"LoRA of {name!r}: B@A has shape {list(product.shape)}, which does not fit "
-                              f"the base weight {list(weight.shape)}")
-    if weight.dim() == 4 and product.shape != (weight.shape[0] * weight.shape[2], weight.shape[1] * weight.shape[3]):
-        raise CheckpointError(f"conv LoRA of {name!r}: expected B@A of shape "
-                              f"{[weight.shape[0] * weight.shape[2], weight.shape[1] * weight.shape[3]]}, "
-                              f"got {list(product.shape)}")
-    if weight.dim() == 2 and product.shape != weight.shape:
-        raise CheckpointError(f"LoRA of {name!r}: B@A is {list(product.shape)}, weight is {list(weight.shape)}")
-    return product.reshape(weight.shape)
+    if weight.dim() == 4:
+        expected = (weight.shape[0] * weight.shape[2], weight.shape[1] * weight.shape[3])
+    elif weight.dim() == 2:
+        expected = tuple(weight.shape)
+    else:
+        raise CheckpointError(f"LoRA on {name!r}, whose weight {list(weight.shape)} is neither Linear nor Conv2d")
+    product = (lora_B.shape[0], lora_A.shape[1])
+    if product != expected:
+        raise CheckpointError(f"LoRA of {name!r}: B@A has shape {list(product)}, which does not fit the base "
+                              f"weight {list(weight.shape)} (expected {list(expected)})")
+
+
+def lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, name: str,
+               rank: int | None = None) -> torch.Tensor:
+    """The dense update B @ A laid out like ``weight``."""
+    lora_delta_check(weight, lora_A, lora_B, name, rank)
+    return (lora_B.to(torch.float32) @ lora_A.to(torch.float32)).reshape(weight.shape)
 
 
 def merge_lora(state: dict[str, torch.Tensor], lora_state: dict[str, torch.Tensor], spec: LoraSpec,
@@ -154,12 +160,25 @@ def check_lora_state(lora_state: dict[str, torch.Tensor], expected_modules: list
 
 
 def merged_weight(name: str, base: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.Tensor:
-    """``base + scaling * B @ A`` for one module (a new tensor; ``base`` is left untouched)."""
+    """``base + scaling * B @ A`` for one module, as a new float32-or-base-dtype tensor."""
+    return merge_into(name, base.clone(), lora_state, spec)
+
+
+def merge_into(name: str, weight: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.Tensor:
+    """Add ``scaling * B @ A`` to ``weight`` in place when it is a contiguous float32 tensor the
+    caller owns (the loader's freshly read weights), so merging allocates no second copy."""
     A, B = _factors(lora_state, name)
-    delta = lora_delta(base, A, B, name, rank=spec.r)
+    lora_delta_check(weight, A, B, name, rank=spec.r)
     if spec.fan_in_fan_out:
-        base = _fan_in_fan_out_base(base, name)
-    return (base.to(torch.float32) + spec.scaling * delta).to(base.dtype)
+        return (_fan_in_fan_out_base(weight, name).float() + spec.scaling * (B.float() @ A.float())).to(weight.dtype)
+    target = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous()
+    # The official merge's operation order, W += (B @ A) * scaling, keeps results bit-identical to
+    # it (a fused addmm rounds differently); the one temporary is freed before the next tensor.
+    delta = B.float() @ A.float()
+    delta.mul_(spec.scaling)
+    # a k x k conv weight [out, in, k, k] read row-major is exactly the [out*k, in*k] product's layout
+    target.view(delta.shape).add_(delta)
+    return target if target is weight else target.to(weight.dtype)
 
 
 def _factors(lora_state, name):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.lora import LoraSpec, check_lora_state, merged_weight, parse_lora_spec, replacement_bias
+from ..checkpoints.lora import LoraSpec, check_lora_state, merge_into, parse_lora_spec, replacement_bias
 from ..checkpoints.official import (DINO_PREFIX, DINO_TOKENS, find_anysplat_weights, read_anysplat_base,
                                     read_stitched_checkpoint, stitched_names)
 from ..errors import CheckpointError, ConfigError
@@ -86,16 +86,17 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
     lora_modules = set(check_lora_state(ckpt["lora"], lora_targets(model, spec), spec))
 
     def produce(key: str) -> torch.Tensor:
+        # checkpoint tensors are cloned: a view would keep the memory-mapped .pth resident
         if key.startswith("stitching_layer."):
-            return ckpt["stitching_layer"][key.removeprefix("stitching_layer.")]
+            return ckpt["stitching_layer"][key.removeprefix("stitching_layer.")].clone()
         if key.removeprefix(DINO_PREFIX) in DINO_TOKENS:
-            return ckpt[key.removeprefix(DINO_PREFIX)]
-        tensor = base[sources[key]]
+            return ckpt[key.removeprefix(DINO_PREFIX)].clone()
+        tensor = base[sources[key]]  # freshly read: ours to modify
         module, leaf = key.rsplit(".", 1)
         if module in lora_modules and leaf == "weight":
-            return merged_weight(module, tensor, ckpt["lora"], spec)
+            return merge_into(module, tensor, ckpt["lora"], spec)
         if module in lora_modules and leaf == "bias" and key in ckpt["lora"]:
-            return replacement_bias(module, tensor, ckpt["lora"])
+            return replacement_bias(module, tensor, ckpt["lora"]).clone()
         return tensor
 
     available = set(sources) | {f"stitching_layer.{k}" for k in ckpt["stitching_layer"]}

@@ -74,6 +74,9 @@ def load_wan_components(wan_dir: str | Path, lora_dir: str | Path | None = None,
     set_offline_defaults()
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per component is noise here
 
     with _loading(wan_dir, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(wan_dir / "tokenizer", local_files_only=True)
