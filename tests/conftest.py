@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
@@ -15,3 +16,13 @@ def fixture_dir(name: str) -> Path:
             pytest.fail(f"golden fixtures not found at {path}")
         pytest.skip(f"golden fixtures not found at {path} (they live in the team's shared/ folder)")
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules that run tiny models: each op is latency-bound, and a 2-thread OpenMP pool on
+    a busy 2-core machine costs ~10x in barriers. One thread is faster and gives the same numbers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

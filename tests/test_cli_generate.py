@@ -16,19 +16,12 @@ from vist3a_rt.scene import GaussianScene
 from vist3a_rt.testing import write_tiny_model
 
 FAST = ["--steps", "2", "--no-preview"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("models") / "model", seed=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threading only adds overhead
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_generate_writes_scene_cameras_preview_and_meta(tiny_model, tmp_path):

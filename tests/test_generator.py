@@ -61,14 +61,7 @@ def tiny_pipeline():
                        scheduler=scheduler, transformer=perturb(transformer))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: each op is latency-bound, and a 2-thread OpenMP pool on a busy
-    2-core machine costs ~10x in barriers. One thread is faster and gives the same numbers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from vist3a_rt.generator.sampling import predict_velocity
 from vist3a_rt.generator.text import clean_prompt, tokenize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: each op is latency-bound, and a 2-thread OpenMP pool on a busy
-    2-core machine costs ~10x in barriers. One thread is faster and gives the same numbers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from conftest import fixture_dir
 import vist3a_rt as vr
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def e2e():
