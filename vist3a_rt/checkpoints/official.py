@@ -85,8 +85,14 @@ class SafetensorsFile(Mapping):
         return dtype, shape, (begin, end)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, _ = self._entries[name]
+        return self.read_into(name, torch.empty(shape, dtype=dtype))
+
+    def read_into(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` into ``tensor`` (contiguous, of its dtype and shape) and return it."""
         dtype, shape, (begin, end) = self._entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+            raise ValueError(f"read_into {name!r}: need a contiguous {dtype} tensor of shape {list(shape)}")
         if end > begin:
             buffer = tensor.view(-1).view(torch.uint8).numpy()
             with open(self.path, "rb") as handle:
@@ -97,6 +103,9 @@ class SafetensorsFile(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
 
     def __iter__(self):
         return iter(self._entries)

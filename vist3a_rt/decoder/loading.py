@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from ..checkpoints.lora import LoraSpec, check_lora_state, merge_into, parse_lora_spec, replacement_bias
-from ..checkpoints.official import (DINO_PREFIX, DINO_TOKENS, find_anysplat_weights, read_anysplat_base,
-                                    read_stitched_checkpoint, stitched_names)
+from ..checkpoints.official import (DINO_PREFIX, DINO_TOKENS, SafetensorsFile, find_anysplat_weights,
+                                    read_anysplat_base, read_stitched_checkpoint, stitched_names)
 from ..errors import CheckpointError, ConfigError
 from .config import DecoderConfig
 from .network import ReconstructionModel, StitchedDecoder
@@ -84,6 +85,7 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
     base = read_anysplat_base(base_weights)
     sources = stitched_names(base, cfg.stitching.stitched_layer_index)
     lora_modules = set(check_lora_state(ckpt["lora"], lora_targets(model, spec), spec))
+    read_base = _base_reader(base, dtype)
 
     def produce(key: str) -> torch.Tensor:
         # checkpoint tensors are cloned: a view would keep the memory-mapped .pth resident
@@ -91,7 +93,7 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
             return ckpt["stitching_layer"][key.removeprefix("stitching_layer.")].clone()
         if key.removeprefix(DINO_PREFIX) in DINO_TOKENS:
             return ckpt[key.removeprefix(DINO_PREFIX)].clone()
-        tensor = base[sources[key]]  # freshly read: ours to modify
+        tensor = read_base(sources[key])  # freshly read (or in the scratch buffer): ours to modify
         module, leaf = key.rsplit(".", 1)
         if module in lora_modules and leaf == "weight":
             return merge_into(module, tensor, ckpt["lora"], spec)
@@ -113,8 +115,27 @@ def load_reconstruction_model(config, base_weights, dtype: torch.dtype = torch.f
     with meta_parameters():
         model = ReconstructionModel(cfg)
     base = read_anysplat_base(base_weights)
-    _assign(model, set(base), base.__getitem__, dtype, device)
+    _assign(model, set(base), _base_reader(base, dtype), dtype, device)
     return model.eval()
+
+
+def _base_reader(base: SafetensorsFile, dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+    """Reads base tensors one by one. When the model's dtype differs from the file's, each
+    tensor is read into one reused scratch buffer (then merged and cast into its own memory by
+    the caller), so no file-precision copy of each weight piles up on the heap."""
+    if all(base.dtype(name) == dtype for name in base):
+        return base.__getitem__
+    scratch = torch.empty(max((math.prod(base.shape(n)) * base.dtype(n).itemsize for n in base), default=0),
+                          dtype=torch.uint8)
+
+    def read(name: str) -> torch.Tensor:
+        if base.dtype(name) == dtype or not base.dtype(name).is_floating_point:
+            return base[name]  # kept as read: it must own its memory
+        numel = math.prod(base.shape(name))
+        view = scratch[: numel * base.dtype(name).itemsize].view(base.dtype(name)).view(base.shape(name))
+        return base.read_into(name, view)
+
+    return read
 
 
 def lora_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
