@@ -164,9 +164,11 @@ def merged_weight(name: str, base: torch.Tensor, lora_state: dict[str, torch.Ten
     return merge_into(name, base.clone(), lora_state, spec)
 
 
-def merge_into(name: str, weight: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.Tensor:
+def merge_into(name: str, weight: torch.Tensor, lora_state: dict[str, torch.Tensor], spec: LoraSpec,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Add ``scaling * B @ A`` to ``weight`` in place when it is a contiguous float32 tensor the
-    caller owns (the loader's freshly read weights), so merging allocates no second copy."""
+    caller owns (the loader's freshly read weights), so merging allocates no second copy.
+    ``scratch``: an optional float32 buffer of at least weight.numel() elements for B @ A."""
     A, B = _factors(lora_state, name)
     lora_delta_check(weight, A, B, name, rank=spec.r)
     if spec.fan_in_fan_out:
@@ -174,7 +176,10 @@ def merge_into(name: str, weight: torch.Tensor, lora_state: dict[str, torch.Tens
     target = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous()
     # The official merge's operation order, W += (B @ A) * scaling, keeps results bit-identical to
     # it (a fused addmm rounds differently); the one temporary is freed before the next tensor.
-    delta = B.float() @ A.float()
+    if scratch is not None and scratch.numel() >= weight.numel():
+        delta = torch.matmul(B.float(), A.float(), out=scratch[: weight.numel()].view(B.shape[0], A.shape[1]))
+    else:
+        delta = B.float() @ A.float()
     delta.mul_(spec.scaling)
     # a k x k conv weight [out, in, k, k] read row-major is exactly the [out*k, in*k] product's layout
     target.view(delta.shape).add_(delta)

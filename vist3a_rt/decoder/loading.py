@@ -86,6 +86,7 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
     sources = stitched_names(base, cfg.stitching.stitched_layer_index)
     lora_modules = set(check_lora_state(ckpt["lora"], lora_targets(model, spec), spec))
     read_base = _base_reader(base, dtype)
+    delta_scratch = torch.empty(max((math.prod(base.shape(n)) for n in base), default=0), dtype=torch.float32)
 
     def produce(key: str) -> torch.Tensor:
         # checkpoint tensors are cloned: a view would keep the memory-mapped .pth resident
@@ -96,7 +97,7 @@ def load_stitched_decoder(config, base_weights, stitched_checkpoint, dtype: torc
         tensor = read_base(sources[key])  # freshly read (or in the scratch buffer): ours to modify
         module, leaf = key.rsplit(".", 1)
         if module in lora_modules and leaf == "weight":
-            return merge_into(module, tensor, ckpt["lora"], spec)
+            return merge_into(module, tensor, ckpt["lora"], spec, scratch=delta_scratch)
         if module in lora_modules and leaf == "bias" and key in ckpt["lora"]:
             return replacement_bias(module, tensor, ckpt["lora"]).clone()
         return tensor
