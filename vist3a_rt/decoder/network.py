@@ -45,6 +45,7 @@ class DecoderOutput:
     scene_scale: Tensor  # []
     num_gaussians: list[int]
     image_size: tuple[int, int]  # (H, W)
+    head_features: Tensor | None = None  # [B, T, 1+D+1, H, W] raw Gaussian-head output (distillation targets)
 
     means = property(lambda self: self.gaussians.means)
     covariances = property(lambda self: self.gaussians.covariances)
@@ -130,7 +131,8 @@ class AnySplatEncoder(nn.Module):
         return DecoderOutput(
             gaussians=gaussians, extrinsics=camera_to_world(w2c), intrinsics=normalize_intrinsics(K, hw),
             depth=depth, depth_conf=depth_conf, conf_valid_mask=valid, pose_encodings=pose_encodings,
-            scene_scale=scene_scale(points), num_gaussians=self._counts(gaussians, valid), image_size=hw)
+            scene_scale=scene_scale(points), num_gaussians=self._counts(gaussians, valid), image_size=hw,
+            head_features=head_out)
 
     def _confidence_mask(self, depth_conf: Tensor) -> Tensor:  # [B, T, H, W] -> bool mask
         enc = self.config.encoder
