@@ -211,6 +211,9 @@ class DecoderConfig:
             raise ConfigError(f"stitching location {self.stitching.stitching_layer_location!r} is outside "
                               f"the {arch.dino_depth} DINO blocks")
         self._validate_stitching_conv()
+        if self.encoder.opacity_conf and self.encoder.voxelize:
+            raise ConfigError("opacity_conf works per pixel and cannot be combined with voxelize "
+                              "(the official code fails on that combination too)")
         if self.encoder.pred_head_type != "depth":
             raise ConfigError("only pred_head_type 'depth' is supported (the stitched forward needs the depth head)")
         taps = arch.stitched_intermediate_layer_idx

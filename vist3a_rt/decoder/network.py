@@ -128,6 +128,8 @@ class AnySplatEncoder(nn.Module):
             voxel_size=enc.voxel_size if enc.voxelize else None,
             valid_mask=None if enc.voxelize else valid,
             opacity_mapping=(enc.opacity_mapping.initial, enc.opacity_mapping.final, enc.opacity_mapping.warm_up))
+        if enc.opacity_conf:
+            gaussians.opacities = self._confidence_weighted(gaussians.opacities, depth_conf, valid)
         return DecoderOutput(
             gaussians=gaussians, extrinsics=camera_to_world(w2c), intrinsics=normalize_intrinsics(K, hw),
             depth=depth, depth_conf=depth_conf, conf_valid_mask=valid, pose_encodings=pose_encodings,
@@ -140,6 +142,18 @@ class AnySplatEncoder(nn.Module):
             return torch.ones_like(depth_conf, dtype=torch.bool)
         # official: one quantile over the whole batch, strict comparison
         return depth_conf > torch.quantile(depth_conf.flatten(0, 1).float(), enc.conf_threshold)
+
+    def _confidence_weighted(self, opacities: Tensor,  # [B, N]
+                             depth_conf: Tensor, valid: Tensor) -> Tensor:  # [B, T, H, W] each
+        """``opacity_conf``: opacities scaled by sigmoid(depth_conf − its conf_threshold quantile over
+        the batch), per valid pixel (official; defined for the per-pixel path only)."""
+        shift = torch.quantile(depth_conf.float(), self.config.encoder.conf_threshold).to(depth_conf.dtype)
+        weights = torch.sigmoid(depth_conf - shift)
+        rows = [w[m] for w, m in zip(weights, valid)]
+        scaled = opacities.clone()
+        for b, row in enumerate(rows):
+            scaled[b, : row.numel()] = opacities[b, : row.numel()] * row
+        return scaled
 
     def _counts(self, gaussians: GaussianParams, valid: Tensor) -> list[int]:
         if not self.config.encoder.voxelize:
