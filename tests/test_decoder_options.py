@@ -50,3 +50,17 @@ def test_opacity_conf_with_voxelize_is_a_config_error(setup):
     config["anysplat"]["encoder_cfg"].update(opacity_conf=True, voxelize=True)
     with pytest.raises(vr.ConfigError, match="opacity_conf"):
         vr.DecoderConfig.load(config)
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("architecture_fixed", "aa_order", ["global", "frame"], "aa_order"),
+    ("architecture_fixed", "aa_block_size", 2, "aa_block_size"),
+    ("architecture_fixed", "dino_interpolate_antialias", False, "antialias"),
+    ("architecture_fixed", "gs_head", {"output_dim": 50, "raw_gs_dim": 49}, "gs_head"),
+])
+def test_unsupported_structure_is_refused(setup, section, key, value, match):
+    _, config, _ = setup
+    config = json.loads(json.dumps(config))
+    config[section][key] = value
+    with pytest.raises(vr.ConfigError, match=match):
+        vr.DecoderConfig.load(config)

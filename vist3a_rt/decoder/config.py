@@ -211,6 +211,7 @@ class DecoderConfig:
             raise ConfigError(f"stitching location {self.stitching.stitching_layer_location!r} is outside "
                               f"the {arch.dino_depth} DINO blocks")
         self._validate_stitching_conv()
+        self._validate_fixed_structure()
         if self.encoder.opacity_conf and self.encoder.voxelize:
             raise ConfigError("opacity_conf works per pixel and cannot be combined with voxelize "
                               "(the official code fails on that combination too)")
@@ -220,6 +221,21 @@ class DecoderConfig:
         if not taps or max(taps) >= arch.agg_depth or min(taps) < 0:
             raise ConfigError(f"tapped aggregator layers {taps} must lie in [0, {arch.agg_depth})")
 
+
+    def _validate_fixed_structure(self) -> None:
+        """Structural constants the official code hard-codes and we implement only at their
+        official values: anything else is refused rather than silently ignored."""
+        arch = self.architecture
+        fixed = {"aa_order": (arch.aa_order, ["frame", "global"]), "aa_block_size": (arch.aa_block_size, 1),
+                 "dino_interpolate_antialias": (arch.dino_interpolate_antialias, True),
+                 "dino_interpolate_offset": (arch.dino_interpolate_offset, 0.0)}
+        for name, (value, official) in fixed.items():
+            if value != official:
+                raise ConfigError(f"architecture {name}={value!r} is not supported (only the official {official!r})")
+        raw = 1 + 7 + 3 * (self.encoder.gaussian_adapter.sh_degree + 1) ** 2  # density + scale/rot + SH
+        if arch.gs_head.get("raw_gs_dim", raw) != raw or arch.gs_head.get("output_dim", raw + 1) != raw + 1:
+            raise ConfigError(f"gs_head {arch.gs_head} does not fit sh_degree {self.encoder.gaussian_adapter.sh_degree} "
+                              f"(expected raw_gs_dim {raw}, output_dim {raw + 1})")
 
     def _validate_stitching_conv(self) -> None:
         from .stitching import parse_conv_spec  # the conv-spec grammar lives with the layer
