@@ -38,9 +38,15 @@ def _info_lines() -> list[str]:
         f"threads {torch.get_num_threads()}",
         "optional: " + ", ".join(f"{m} {_module_version(m)}" for m in
                                  ("onnxruntime", "tensorrt", "triton", "diffusers", "transformers", "peft")),
-        "render backends: torch (reference)",
+        "render backends: " + ", ".join(_render_backends()),
         "embedded model (nano): not built yet",
     ]
+
+
+def _render_backends() -> list[str]:
+    from .rendering import available_backends
+
+    return available_backends()
 
 
 @click.group()
