@@ -1,0 +1,118 @@
+"""``vist3a-rt train …``: command-line entry points of the training utilities (thin, over the API).
+
+The group is ``train``; the top-level CLI registers it with ``cli.add_command(train)``. Heavy
+imports (torch, diffusers, the models) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import Vist3AInputError
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+VAE_VIDEOS, NET_VIDEOS = "videos.vae_image_uint8", "videos.feedforward_image_uint8"
+
+
+@click.group(name="train")
+def train() -> None:
+    """Training utilities: layer search, stitching, fine-tuning."""
+
+
+@train.command("layer-search")
+@click.option("--features", "features_file", type=_FILE,
+              help="Precomputed latents + block features (safetensors: 'features.vae_latents_fp16' "
+                   "[N,C,T_lat,h,w] and 'features.<block>' [N,T,P,E]). Replaces the model options.")
+@click.option("--model-config", type=_FILE, help="Decoder config JSON (laid out like the fixtures' config.json).")
+@click.option("--base-weights", type=click.Path(path_type=Path),
+              help="The unstitched reconstruction network's weights (AnySplat model.safetensors or its folder).")
+@click.option("--videos", "videos_file", type=_FILE,
+              help="uint8 videos [N,3,T,H,W] (safetensors: 'videos.vae_image_uint8' and optionally "
+                   "'videos.feedforward_image_uint8' at the network's resolution).")
+@click.option("--vae", "vae_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="A diffusers AutoencoderKLWan folder (config.json + weights).")
+@click.option("--blocks", default="all", show_default=True, help="Candidate blocks, e.g. enc_blocks_1,enc_blocks_4.")
+@click.option("--conv-spec", default=None,
+              help="Stitching conv, e.g. conv3d_k5x3x3_o1024_s1x2x2_p2x1x1 (default: the model config's, or "
+                   "the official kernel/stride/padding at the features' width).")
+@click.option("--ridge", type=float, default=1e-4, show_default=True)
+@click.option("--padding", type=click.Choice(["official", "consistent"]), default="official", show_default=True,
+              help="official: fit on zero-padded patches, evaluate with the conv's replicate padding (as the "
+                   "official code); consistent: replicate padding in both.")
+@click.option("--batch-size", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the VAE posterior sampling.")
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage precision of captured latents and features (official: float16).")
+@click.option("--save-features", type=_FILE, default=None, help="Also write the captured features here.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+def layer_search_command(features_file, model_config, base_weights, videos_file, vae_dir, blocks, conv_spec,
+                         ridge, padding, batch_size, seed, feature_dtype, save_features, device, out_dir) -> None:
+    """Fit the stitching conv for every candidate block, rank blocks by MSE, save the winner's init."""
+    from .layer_search import LayerSearchFeatures, default_conv_spec, layer_search
+
+    model_inputs = {"--model-config": model_config, "--base-weights": base_weights, "--videos": videos_file,
+                    "--vae": vae_dir}
+    candidates = None if blocks.strip().lower() == "all" else [b.strip() for b in blocks.split(",")]
+    if features_file is not None:
+        given = [name for name, value in model_inputs.items() if value is not None]
+        if given:
+            raise Vist3AInputError(f"--features replaces the model inputs; drop {', '.join(given)}")
+        features = LayerSearchFeatures.load(features_file)
+        inputs = {"features": str(features_file)}
+        default_spec = default_conv_spec(next(iter(features.blocks.values())).shape[-1])
+    else:
+        features, default_spec = _capture(model_config, base_weights, videos_file, vae_dir, candidates,
+                                          batch_size, seed, feature_dtype, device)
+        inputs = {"videos": str(videos_file), "model_config": model_config and str(model_config),
+                  "base_weights": str(base_weights), "vae": str(vae_dir), "seed": seed}
+        if save_features is not None:
+            click.echo(f"features: {features.save(save_features)}")
+    result = layer_search(features, conv_spec or default_spec, blocks=candidates, ridge=ridge, padding=padding,
+                          batch_size=batch_size, device=device)
+    result.extra["inputs"] = inputs
+    paths = result.save(out_dir)
+    click.echo(result.table())
+    click.echo(f"table: {paths['table']}\nstitching init ({result.best.block}): {paths['init']}")
+
+
+def _capture(model_config, base_weights, videos_file, vae_dir, candidates, batch_size, seed, feature_dtype,
+             device):
+    """Latents and block features of the videos file, through the VAE and the network."""
+    import torch
+
+    from ..decoder.loading import load_reconstruction_model
+    from .adapters import AnySplatFeatureSource, WanLatentSource
+    from .layer_search import capture_features, video_batches
+
+    missing = [name for name, value in (("--base-weights", base_weights), ("--videos", videos_file),
+                                        ("--vae", vae_dir)) if value is None]
+    if missing:
+        raise Vist3AInputError(f"give --features, or the model inputs (missing: {', '.join(missing)})")
+    vae_videos, feedforward_videos = _read_videos(videos_file)
+    model = load_reconstruction_model(model_config, base_weights, device=device)
+    latent_source = WanLatentSource.from_pretrained(vae_dir, torch.Generator(device).manual_seed(seed), device)
+    features = capture_features(latent_source, AnySplatFeatureSource(model),
+                                ((a.to(device), b.to(device)) for a, b in
+                                 video_batches(vae_videos, feedforward_videos, batch_size)),
+                                blocks=candidates, feature_dtype=getattr(torch, feature_dtype))
+    return features, model.config.stitching.stitching_layer_config
+
+
+def _read_videos(path: Path):
+    """(VAE videos, network videos or None) from the fixture-style keys; other keys are not read."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise Vist3AInputError(f"videos file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if VAE_VIDEOS not in keys:
+                raise Vist3AInputError(f"{path} has no '{VAE_VIDEOS}' [N,3,T,H,W] tensor "
+                                       f"(keys: {sorted(keys)[:6]})")
+            return f.get_tensor(VAE_VIDEOS), f.get_tensor(NET_VIDEOS) if NET_VIDEOS in keys else None
+    except SafetensorError as err:
+        raise Vist3AInputError(f"{path} is not a readable safetensors file: {err}") from None
