@@ -27,3 +27,8 @@ def test_public_api_names_resolve():
 
     assert callable(vr.render) and callable(vr.load_stitched_decoder)
     assert vr.GaussianScene.__name__ == "GaussianScene" and vr.Vist3A.__name__ == "Vist3A"
+
+
+def test_train_group_is_registered(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "layer-search" in capsys.readouterr().out

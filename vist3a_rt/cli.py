@@ -104,6 +104,15 @@ def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames
         click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s)")
 
 
+def _register_training_commands() -> None:
+    from .training.cli import train  # light: the subcommands import their heavy modules lazily
+
+    cli.add_command(train)
+
+
+_register_training_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
