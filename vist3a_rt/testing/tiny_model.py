@@ -307,24 +307,45 @@ def _train_tokenizer():
     ~2e-4), so only its piece set is kept and each piece is scored by its log frequency as a
     substring of the training words: same pieces, same scores, same bytes on every run.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    def fresh(model) -> Tokenizer:
-        tok = Tokenizer(model)
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-        return tok
-
     corpus = [ORBIT_PROMPT_TEMPLATE.format(prompt="a red cube on a wooden table"), OFFICIAL_NEGATIVE_PROMPT,
               *COMMON_WORDS]
-    trained = fresh(models.Unigram())
-    trained.train_from_iterator(corpus, trainers.UnigramTrainer(
-        vocab_size=1000, special_tokens=list(SPECIAL_TOKENS), unk_token="<unk>", show_progress=False))
-    pieces = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
+    trained = unigram_tokenizer()
+    pieces = trained_pieces(trained, corpus, vocab_size=1000)
     vocab = [(t, 0.0) for t in SPECIAL_TOKENS] + _score_pieces(pieces, _pretokenized_words(trained, corpus))
-    tok = fresh(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+    return fast_tokenizer(unigram_tokenizer(vocab))
+
+
+def unigram_tokenizer(vocab: list[tuple[str, float]] | None = None):
+    """A ``tokenizers.Tokenizer`` with a Unigram model (untrained if ``vocab`` is None; ids in
+    ``vocab`` order, ``<unk>`` at ``SPECIAL_TOKENS``' index) and SentencePiece-style text handling:
+    NFKC, runs of spaces collapsed, ``▁`` marking each space-separated word."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    model = models.Unigram() if vocab is None else models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"),
+                                                                  byte_fallback=False)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return tok
+
+
+def trained_pieces(tok, corpus: list[str], *, vocab_size: int) -> list[str]:
+    """The sorted piece set (special tokens excluded) the Unigram trainer learns on ``corpus``
+    with ``tok``'s text handling; its scores are dropped (they are not deterministic)."""
+    from tokenizers import trainers
+
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token="<unk>", show_progress=False))
+    return sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
+
+
+def fast_tokenizer(tok):
+    """``tok`` (a scored Unigram from ``unigram_tokenizer``) with UMT5's special tokens and
+    end-of-sequence post-processing, wrapped as a ``PreTrainedTokenizerFast`` (512 tokens, right padding)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
