@@ -1,8 +1,14 @@
 """``render(scene, camera)``: the public entry point, dispatching to a rasterizer backend.
 
-Backends: ``"torch"`` (the differentiable reference, always present). ``"cpu"`` (C++) and
-``"triton"`` are planned; asking for them raises until they are built. ``"auto"`` picks the
-fastest available one.
+Backends:
+  * ``"torch"`` -- the differentiable reference (``reference.py``), always present;
+  * ``"cpu"`` -- the C++ rasterizer (``vist3a_rt.kernels.cpu_raster``), forward only, CPU
+    tensors, float32 in and out (float64 inside: it matches the float64 reference to ~1e-7);
+    present when its compiled module was built (``pip install -e .``);
+  * ``"triton"`` -- planned; asking for it raises until it is built.
+``"auto"`` picks the fastest available backend that computes what the call asks for: "cpu" for
+float32 CPU scenes that need no gradient, otherwise "torch" (float64 scenes keep float64 maths;
+tensors that require grad, with grad mode on, keep the differentiable reference).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import Vist3AInputError
-from .reference import RasterConfig, RenderOutput, rasterize_gaussians
+from .reference import RasterConfig, RenderOutput, check_inputs, rasterize_gaussians
 
 KNOWN_BACKENDS = ("torch", "cpu", "triton")
 _FASTEST_FIRST = ("triton", "cpu", "torch")
@@ -22,22 +28,53 @@ _CAMERA_FIELDS = ("camtoworld", "K", "width", "height")
 
 def available_backends() -> list[str]:
     """Backends that can render in this installation."""
-    return ["torch"]
+    from vist3a_rt.kernels import cpu_raster  # pure Python; the compiled module loads lazily
+
+    return ["torch"] + (["cpu"] if cpu_raster.is_available() else [])
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend ``backend`` names ("auto" -> fastest available); raises if unusable."""
+def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _suits(backend: str, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``backend`` computes what a call on ``tensors`` asks for (used by "auto")."""
+    if backend == "cpu":
+        return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+                and not _needs_grad(tensors))
+    return backend == "torch"
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor] | None = None) -> str:
+    """The concrete backend ``backend`` names; raises if unusable.
+
+    "auto" -> the fastest available backend, or with ``tensors`` (the scene's) the fastest one
+    that suits them (see the module docstring).
+    """
     available = available_backends()
     if backend == "auto":
-        return next(name for name in _FASTEST_FIRST if name in available)
+        return next(name for name in _FASTEST_FIRST
+                    if name in available and (tensors is None or _suits(name, tensors)))
     if backend not in KNOWN_BACKENDS:
         raise Vist3AInputError(
             f"unknown render backend {backend!r}; choose one of {['auto', *KNOWN_BACKENDS]}")
     if backend not in available:
         raise Vist3AInputError(
             f"render backend {backend!r} is not available in this build (its rasterizer is not "
-            f"built); available: {available}, or 'auto'")
+            f"built{_build_hint(backend)}); available: {available}, or 'auto'")
     return backend
+
+
+def _build_hint(backend: str) -> str:
+    if backend != "cpu":
+        return ""
+    from vist3a_rt.kernels import cpu_raster
+
+    try:
+        cpu_raster.load_extension()
+    except cpu_raster.CpuRasterizerUnavailable as err:
+        return f": {err}"
+    return ""
 
 
 def _fields(obj, names: Sequence[str], what: str) -> list:
@@ -95,16 +132,45 @@ def render(
     Camera tensors are moved to the scene's dtype and device; world-to-camera is
     ``inverse(camtoworld)``. Returns RenderOutput(color [H,W,3], depth [H,W,1], alpha [H,W,1], radii [N]).
     """
-    resolve_backend(backend)  # only "torch" can come back today
     means, scales, rotations, sh, opacities = _fields(scene, _SCENE_FIELDS, "scene")
     if not isinstance(means, torch.Tensor):
         raise Vist3AInputError(f"scene.means must be a torch.Tensor, got {type(means).__name__}")
     camtoworlds, Ks, width, height, batched = _camera_views(camera, means)
     background = _as_background(background, means)
+    tensors = [t for t in (means, scales, rotations, sh, opacities, *camtoworlds, *Ks, background)
+               if isinstance(t, torch.Tensor)]
+    rasterize = _RASTERIZERS[resolve_backend(backend, tensors)]
     config = config or RasterConfig()
-    views = [rasterize_gaussians(means, rotations, scales, opacities, sh, _world_to_camera(c2w), K,
-                                 width, height, background, config) for c2w, K in zip(camtoworlds, Ks)]
+    views = [rasterize(means, rotations, scales, opacities, sh, _world_to_camera(c2w), K,
+                       width, height, background, config) for c2w, K in zip(camtoworlds, Ks)]
     if not batched:
         return views[0]
     return RenderOutput(*(torch.stack([getattr(v, f) for v in views])
                           for f in ("color", "depth", "alpha", "radii")))
+
+
+def _rasterize_cpu(means, quats, scales, opacities, sh, viewmat, K, width, height, background,
+                   config: RasterConfig) -> RenderOutput:
+    """The C++ rasterizer behind the reference's input checks; outputs in the scene's dtype."""
+    check_inputs(means, quats, scales, opacities, sh, viewmat, K, width, height, background)
+    if means.device.type != "cpu":
+        raise Vist3AInputError(
+            f"render backend 'cpu' needs CPU tensors, the scene is on {means.device} "
+            f"(move it with .cpu(), or use backend='auto')")
+    tensors = [means, quats, scales, opacities, sh, viewmat, K]
+    if _needs_grad(tensors + ([background] if background is not None else [])):
+        raise Vist3AInputError(
+            "render backend 'cpu' is forward-only and these tensors require grad; use "
+            "backend='torch' (or 'auto') for gradients, or render under torch.no_grad()")
+    from vist3a_rt.kernels import cpu_raster
+
+    out = cpu_raster.rasterize(
+        means, quats, scales, opacities, sh, viewmat, K, width, height, background,
+        near_plane=config.near_plane, far_plane=config.far_plane, eps2d=config.eps2d,
+        radius_clip=config.radius_clip, tile_size=int(config.tile_size),
+        clamp_color=config.clamp_color)
+    dtype = means.dtype
+    return RenderOutput(out.color.to(dtype), out.depth.to(dtype), out.alpha.to(dtype), out.radii)
+
+
+_RASTERIZERS = {"torch": rasterize_gaussians, "cpu": _rasterize_cpu}
