@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Where no GPU is visible, Triton kernels are tested in Triton's interpreter. The switch is read
+# when triton is first imported (torch's inductor imports it during collection), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 

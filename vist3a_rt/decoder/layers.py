@@ -11,9 +11,15 @@ load unchanged, and the float32 op order is the official one so outputs agree to
 * 2D RoPE: the head dim is split in halves; the first half rotates with the token's row,
   the second with its column; each half uses frequencies ``base ** (-2i / (D/2))`` and the
   rotate-half convention (``[x1, x2] -> [-x2, x1]``).
+
+On CUDA, ``ATTENTION_BACKEND = "triton"`` (or ``VIST3A_ATTENTION=triton`` in the environment)
+runs attention, RoPE fused, through the Triton flash-attention kernel
+(``vist3a_rt.kernels.triton_attention``; needs triton). CPU tensors always take SDPA.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +100,26 @@ def grid_positions(rows: int, cols: int, num_special: int = 0,
     return torch.cat((special, patches + 1), dim=0)
 
 
+ATTENTION_BACKEND = os.environ.get("VIST3A_ATTENTION", "sdpa")  # "sdpa" | "triton" (CUDA only)
+
+
+def _use_triton(x: Tensor) -> bool:
+    if ATTENTION_BACKEND not in ("sdpa", "triton"):
+        raise ValueError(f"attention backend (VIST3A_ATTENTION) must be 'sdpa' or 'triton', "
+                         f"got {ATTENTION_BACKEND!r}")
+    return ATTENTION_BACKEND == "triton" and x.is_cuda
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor,  # [B, heads, N, head_dim]
+                      rope: RotaryPositionEmbedding2D | None, pos: Tensor | None,  # [B, N, 2]
+                      ) -> Tensor:  # [B, heads, N, head_dim]
+    """SDPA with RoPE on q and k, as one Triton flash-attention call (the rotation is fused)."""
+    from vist3a_rt.kernels.triton_attention import Rope, flash_attention
+
+    fused = None if rope is None else Rope.axial_2d(pos, q.shape[-1], base=rope.frequency)
+    return flash_attention(q, k, v, rope=fused)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, optional q/k LayerNorm and RoPE."""
 
@@ -118,9 +144,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim] each
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if _use_triton(x):
+            x = _triton_attention(q, k, v, self.rope, pos)
+        else:
+            if self.rope is not None:
+                q, k = self.rope(q, pos), self.rope(k, pos)
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

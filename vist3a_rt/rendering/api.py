@@ -5,10 +5,14 @@ Backends:
   * ``"cpu"`` -- the C++ rasterizer (``vist3a_rt.kernels.cpu_raster``), forward only, CPU
     tensors, float32 in and out (float64 inside: it matches the float64 reference to ~1e-7);
     present when its compiled module was built (``pip install -e .``);
-  * ``"triton"`` -- planned; asking for it raises until it is built.
+  * ``"triton"`` -- the reference's projection, SH colour, binning and depth sort in torch, then
+    the Triton tile-blending kernel (``vist3a_rt.kernels.triton_raster``, float32), differentiable;
+    CUDA tensors; present when triton is installed (``pip install 'vist3a-rt[triton]'``) and a
+    CUDA device is visible.
 ``"auto"`` picks the fastest available backend that computes what the call asks for: "cpu" for
-float32 CPU scenes that need no gradient, otherwise "torch" (float64 scenes keep float64 maths;
-tensors that require grad, with grad mode on, keep the differentiable reference).
+float32 CPU scenes that need no gradient, "triton" for float32 CUDA scenes (gradients included),
+otherwise "torch" (float64 scenes keep float64 maths; CPU tensors that require grad, with grad
+mode on, keep the differentiable reference).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from typing import Sequence
 import torch
 
 from ..errors import Vist3AInputError
-from .reference import RasterConfig, RenderOutput, check_inputs, rasterize_gaussians
+from .reference import (
+    RasterConfig,
+    RenderOutput,
+    _gaussian_features,
+    _tile_intersections,
+    check_inputs,
+    project_gaussians,
+    rasterize_gaussians,
+)
 
 KNOWN_BACKENDS = ("torch", "cpu", "triton")
 _FASTEST_FIRST = ("triton", "cpu", "torch")
@@ -30,7 +42,19 @@ def available_backends() -> list[str]:
     """Backends that can render in this installation."""
     from vist3a_rt.kernels import cpu_raster  # pure Python; the compiled module loads lazily
 
-    return ["torch"] + (["cpu"] if cpu_raster.is_available() else [])
+    backends = ["torch"] + (["cpu"] if cpu_raster.is_available() else [])
+    return backends + ([] if _triton_missing() else ["triton"])
+
+
+def _triton_missing() -> str:
+    """Why the "triton" backend cannot run here ("" when it can); imports nothing heavy."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "it needs the triton package: pip install 'vist3a-rt[triton]'"
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and torch.cuda.is_available() is False"
+    return ""
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
@@ -42,6 +66,8 @@ def _suits(backend: str, tensors: Sequence[torch.Tensor]) -> bool:
     if backend == "cpu":
         return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
                 and not _needs_grad(tensors))
+    if backend == "triton":
+        return all(t.device.type == "cuda" and t.dtype == torch.float32 for t in tensors)
     return backend == "torch"
 
 
@@ -66,6 +92,8 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor] | None = None)
 
 
 def _build_hint(backend: str) -> str:
+    if backend == "triton":
+        return f": {_triton_missing()}"
     if backend != "cpu":
         return ""
     from vist3a_rt.kernels import cpu_raster
@@ -173,4 +201,29 @@ def _rasterize_cpu(means, quats, scales, opacities, sh, viewmat, K, width, heigh
     return RenderOutput(out.color.to(dtype), out.depth.to(dtype), out.alpha.to(dtype), out.radii)
 
 
-_RASTERIZERS = {"torch": rasterize_gaussians, "cpu": _rasterize_cpu}
+def _rasterize_triton(means, quats, scales, opacities, sh, viewmat, K, width, height, background,
+                      config: RasterConfig) -> RenderOutput:
+    """The reference's torch projection, colour, binning and depth sort, then Triton blending."""
+    check_inputs(means, quats, scales, opacities, sh, viewmat, K, width, height, background)
+    from vist3a_rt.kernels import triton_raster
+
+    if means.device.type != "cuda" and not triton_raster.INTERPRET:
+        raise Vist3AInputError(
+            f"render backend 'triton' needs CUDA tensors, the scene is on {means.device} "
+            f"(move it with .cuda(), or use backend='auto')")
+    proj = project_gaussians(means, quats, scales, viewmat, K, width, height, config)
+    visible = proj.radii > 0
+    features = means.new_zeros(len(means), 4).index_put(
+        (visible,), _gaussian_features(means[visible], sh[visible], proj.depths[visible], viewmat))
+    ids, starts, counts = _tile_intersections(proj, width, height, config.tile_size)
+    acc, trans = triton_raster.blend_tiles(proj.means2d, proj.conics, opacities, features, ids, starts,
+                                           counts, width, height, config.tile_size)
+    acc, trans = acc.to(means.dtype), trans.to(means.dtype)
+    color = acc[:, :3] if background is None else acc[:, :3] + trans[:, None] * background
+    if config.clamp_color:
+        color = color.clamp(0.0, 1.0)
+    return RenderOutput(color.reshape(height, width, 3), acc[:, 3:].reshape(height, width, 1),
+                        (1 - trans).reshape(height, width, 1), proj.radii)
+
+
+_RASTERIZERS = {"torch": rasterize_gaussians, "cpu": _rasterize_cpu, "triton": _rasterize_triton}
