@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,16 +57,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    """Whether ``@triton.jit`` makes interpreted functions (TRITON_INTERPRET=1 at import)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+from .triton_common import interpreting
 
 
-INTERPRET = _interpreting()  # fixed at import: the kernels below are decorated accordingly
+INTERPRET = interpreting()  # fixed at import: the kernels below are decorated accordingly
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -42,11 +42,12 @@ function element by element (20x slower); the atomics are float32, which it supp
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import interpreting
 
 ALPHA_MAX = 0.999
 ALPHA_MIN = 1.0 / 255.0
@@ -54,15 +55,7 @@ TRANSMITTANCE_MIN = 1e-4
 CHANNELS = 4  # the kernels carry 4 feature channels (RGB + depth); fewer are zero-padded
 
 
-def _interpreting() -> bool:
-    """Whether ``@triton.jit`` makes interpreted functions (TRITON_INTERPRET=1 at import)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
-
-INTERPRET = _interpreting()  # fixed at import: the kernels below are decorated accordingly
+INTERPRET = interpreting()  # fixed at import: the kernels below are decorated accordingly
 BLOCK_G = 16 if INTERPRET else 32  # Gaussians per chunk
 
 
