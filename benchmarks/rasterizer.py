@@ -10,9 +10,9 @@ Baseline, in the same run: ``vist3a_rt.rendering.reference.rasterize_gaussians``
 float32 -- its faster precision -- under ``torch.no_grad()``, ``torch.set_num_threads`` equal to
 the C++ thread count). The reference is slow, so by default it runs only at 256^2/50k and at the
 target, 512^2/200k (``--reference-at all`` runs it everywhere); the C++ runs everywhere with 1
-and 2 threads. Times are medians of ``--repeats`` (C++, after a warm-up) or
-``--reference-repeats`` runs; splats/s = N / (ms/frame); speedup = reference ms / C++ ms with as
-many threads as torch had; scaling = 1-thread ms / 2-thread ms. "cpu ms" is process CPU time
+and 2 threads. Times are medians of ``--repeats`` (C++) or ``--reference-repeats`` runs, each
+after one warm-up run; splats/s = N / (ms/frame); speedup = reference ms / C++ ms with as many
+threads as torch had; scaling = 1-thread ms / 2-thread ms. "cpu ms" is process CPU time
 per frame: on a busy machine it stays honest where wall time does not (the load average is
 printed and stored).
 
@@ -95,6 +95,7 @@ def time_reference(scene, view, size: int, threads: int, repeats: int):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        run_reference(scene, view, size, torch.float32)  # warm-up: allocator, thread pool
         walls = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -201,6 +201,16 @@ def test_equal_depths_keep_input_order():
     assert_matches_reference(scene, *axis_view(40, 40), 40, 40)
 
 
+@pytest.mark.parametrize("eps2d", [0.3, 0.01])
+def test_thin_tilted_streaks(eps2d):
+    """Needle-like Gaussians at every angle: sigma over a tile's pixel box spans many orders of
+    magnitude (the kernel's incremental exp falls back to one exp per group there)."""
+    scene = make_scene(300, seed=23, degree=2, opacity=(0.3, 1.0))
+    jitter = torch.randn(300, 3, generator=torch.Generator().manual_seed(24)) * 0.3
+    scene.scales = torch.tensor([0.4, 2e-4, 2e-4]) * torch.exp(jitter)
+    assert_matches_reference(scene, *orbit_view(64, 48), 64, 48, config=RasterConfig(eps2d=eps2d))
+
+
 def test_off_screen_gaussians():
     """Means outside the image: some reach in with their radius box, most are culled."""
     scene = make_scene(600, seed=17, spread=3.0, log_scale=(-3.0, -0.5))

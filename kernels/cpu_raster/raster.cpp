@@ -20,12 +20,12 @@
 //   * Gaussians are sorted once by (depth, index) with a stable radix sort and binned into tiles
 //     in that order, so every tile list is already depth-sorted (what the reference gets from its
 //     global sort followed by a stable sort by tile);
-//   * a Gaussian only visits, row by row, the pixels inside the ellipse sigma <= ln(255 o) (row
-//     spans widened by a hair, inside a box grown by a margin and one pixel): outside it
-//     alpha < 1/255 for certain, so the reference skips those pixels too; tiles the box misses
-//     are left out of the binning for the same reason;
-//   * pixels go four at a time through vector code (SSE baseline, an AVX2 clone where the CPU
-//     has it), and a tile's next Gaussians are prefetched;
+//   * a Gaussian only visits the pixels of the bounding box of its ellipse sigma <= ln(255 o)
+//     (widened by a hair against rounding): outside it alpha < 1/255 for certain, so the
+//     reference skips those pixels too; tiles the box misses are left out of the binning;
+//   * pixels go four at a time through branch-free vector code (SSE baseline, an AVX2 clone
+//     where the CPU has it); exp(-sigma) mostly comes from products of per-tile factors (see
+//     blend), and a tile's next Gaussians are prefetched;
 //   * projection, binning and compositing run on std::threads (compositing: dynamic schedule,
 //     one tile = one task), and no result depends on the thread count;
 //   * a tile stops at the first Gaussian after which all its pixels have terminated.
@@ -50,8 +50,8 @@ constexpr double kAlphaMin = 1.0 / 255.0;        // contributions below one 8-bi
 constexpr double kTransmittanceMin = 1e-4;       // the pixel ends before T would reach this
 constexpr double kNormalizeEps = 1e-12;          // torch.nn.functional.normalize's floor
 constexpr double kSigmaCutMargin = 1e-9;         // per-pixel early skip: far above the error of exp
-constexpr double kBoxSigmaSlack = 0.05;          // pixel box (and tile binning): generous room ...
-constexpr double kBoxSigmaScale = 1.01;          // ... around sigma_cut, absolute and relative
+constexpr double kBoxSlack = 1e-6;               // px: pixel boxes are widened by this (+1e-9
+                                                 // of their size) against rounding
 constexpr int kFeatures = 4;                     // r, g, b, depth
 constexpr double kPi = 3.14159265358979323846;
 
@@ -91,6 +91,70 @@ inline std::pair<int64_t, int64_t> share(int64_t count, int worker, int threads)
   return {count * worker / threads, count * (worker + 1) / threads};
 }
 
+// ------------------------------------------------------------------------------ vectors
+
+// Four doubles at a time (GCC/Clang vector extensions: two SSE2 instructions per vector in the
+// x86-64-v2 baseline, one with AVX2, NEON on ARM). Compositing works in float64 because the rules
+// are threshold tests (alpha >= 1/255, T(1 - alpha) <= 1e-4) that float32 rounding would flip
+// on a few pixels per frame, each lane being one pixel that sees its Gaussians in order.
+constexpr int kLanes = 4;
+typedef double Doubles __attribute__((vector_size(32)));
+typedef int64_t Masks __attribute__((vector_size(32)));  // lane masks: -1 true, 0 false
+typedef float Floats4 __attribute__((vector_size(16)));
+// Helpers taking or returning vectors are always inlined: a 32-byte vector crosses a call
+// differently with and without AVX, and an AVX2 clone must never call an SSE copy.
+#define VIST3A_INLINE __attribute__((always_inline)) inline
+
+// The baseline build is x86-64-v2 (SSE4.2); on Linux x86-64 the hot loops are also compiled for
+// AVX2 and picked at load time when the CPU has it (same maths, no FMA: the same bits either
+// way, see -ffp-contract=off in CMakeLists.txt).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define VIST3A_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VIST3A_SIMD_CLONES
+#endif
+
+VIST3A_INLINE Doubles broadcast(double v) { return Doubles{v, v, v, v}; }
+VIST3A_INLINE Masks broadcast_mask(int64_t v) { return Masks{v, v, v, v}; }
+VIST3A_INLINE Doubles select(Masks mask, Doubles yes, Doubles no) { return mask ? yes : no; }
+
+// exp(x), Cephes' rational approximation (~1 ulp, like libm's exp), x clamped to [-700, 700]
+// (beyond, alpha is skipped anyway or the value is unused; no inf, no garbage exponent bits).
+VIST3A_INLINE Doubles exp_clamped(Doubles x) {
+  const Doubles low = broadcast(-700.0), high = broadcast(700.0);
+  x = select(x < low, low, x);
+  x = select(x > high, high, x);
+  // n = round(x / ln 2) via the 1.5 * 2^52 trick: exact for |n| < 2^51, no float->int instruction
+  const Doubles magic = broadcast(6755399441055744.0);
+  const Doubles shifted = x * broadcast(1.4426950408889634073599) + magic;
+  const Doubles n = shifted - magic;
+  const Masks n_int = (Masks)shifted - (Masks)magic;
+  x = x - n * broadcast(6.93145751953125e-1) - n * broadcast(1.42860682030941723212e-6);
+  const Doubles xx = x * x;
+  const Doubles p = x * ((broadcast(1.26177193074810590878e-4) * xx +
+                          broadcast(3.02994407707441961300e-2)) * xx +
+                         broadcast(9.99999999999999999910e-1));
+  const Doubles q = ((broadcast(3.00198505138664455042e-6) * xx +
+                      broadcast(2.52448340349684104192e-3)) * xx +
+                     broadcast(2.27265548208155028766e-1)) * xx +
+                    broadcast(2.00000000000000000009e0);
+  const Doubles e = broadcast(1.0) + broadcast(2.0) * (p / (q - p));
+  return e * (Doubles)((n_int + broadcast_mask(1023)) << 52);  // times 2^n
+}
+
+// Loads and stores of four doubles (or floats) at any address.
+VIST3A_INLINE Doubles load(const double* at) {
+  Doubles v;
+  __builtin_memcpy(&v, at, sizeof v);
+  return v;
+}
+VIST3A_INLINE void store(double* at, Doubles v) { __builtin_memcpy(at, &v, sizeof v); }
+VIST3A_INLINE Doubles load_floats(const float* at) {  // four floats, widened
+  Floats4 v;
+  __builtin_memcpy(&v, at, sizeof v);
+  return __builtin_convertvector(v, Doubles);
+}
+
 // ------------------------------------------------------------------------------ SH colour
 
 // N_l^m (m >= 0) times sqrt(2) for m > 0: the orthonormal real harmonic's constant (sh.py),
@@ -116,48 +180,74 @@ struct ShNormalization {
 };
 const ShNormalization kShNorm;
 
-// Real SH basis at the unit direction (x, y, z), degrees 0..degree, coefficient k = l*l + l + m:
+// Real SH basis at the unit direction (x, y, z), degrees 0..Degree, coefficient k = l*l + l + m:
 // reduced associated Legendre functions with the Condon-Shortley phase times Re/Im (x + i y)^m,
-// the same two recurrences as vist3a_rt/rendering/sh.py.
-void sh_basis(int degree, double x, double y, double z, double* basis) {
-  double q[kMaxShDegree + 1][kMaxShDegree + 1];
+// the same two recurrences as vist3a_rt/rendering/sh.py (a template: every loop unrolls).
+template <int Degree>
+VIST3A_INLINE void sh_basis_fixed(double x, double y, double z, double* basis) {
+  double q[Degree + 1][Degree + 1];
   double double_factorial = 1;
-  for (int m = 0; m <= degree; ++m) {
+  for (int m = 0; m <= Degree; ++m) {
     if (m > 0) double_factorial *= 2 * m - 1;
     q[m][m] = (m % 2 ? -1.0 : 1.0) * double_factorial;
-    if (m + 1 <= degree) q[m + 1][m] = (2 * m + 1) * z * q[m][m];
-    for (int l = m + 2; l <= degree; ++l)
+    if (m + 1 <= Degree) q[m + 1][m] = (2 * m + 1) * z * q[m][m];
+    for (int l = m + 2; l <= Degree; ++l)
       q[l][m] = kShNorm.step_a[l][m] * z * q[l - 1][m] - kShNorm.step_b[l][m] * q[l - 2][m];
   }
-  double cos_m[kMaxShDegree + 1], sin_m[kMaxShDegree + 1];
+  double cos_m[Degree + 1], sin_m[Degree + 1];
   cos_m[0] = 1;
   sin_m[0] = 0;
-  for (int m = 1; m <= degree; ++m) {
+  for (int m = 1; m <= Degree; ++m) {
     cos_m[m] = x * cos_m[m - 1] - y * sin_m[m - 1];
     sin_m[m] = x * sin_m[m - 1] + y * cos_m[m - 1];
   }
-  for (int l = 0; l <= degree; ++l)
+  for (int l = 0; l <= Degree; ++l)
     for (int m = -l; m <= l; ++m) {
-      int a = m < 0 ? -m : m;
+      const int a = m < 0 ? -m : m;
       basis[l * l + l + m] = kShNorm.value[l][a] * q[l][a] * (m >= 0 ? cos_m[a] : sin_m[a]);
     }
 }
 
+VIST3A_INLINE void sh_basis(int degree, double x, double y, double z, double* basis) {
+  switch (degree) {
+    case 0: return sh_basis_fixed<0>(x, y, z, basis);
+    case 1: return sh_basis_fixed<1>(x, y, z, basis);
+    case 2: return sh_basis_fixed<2>(x, y, z, basis);
+    case 3: return sh_basis_fixed<3>(x, y, z, basis);
+    default: return sh_basis_fixed<4>(x, y, z, basis);
+  }
+}
+
 // ------------------------------------------------------------------------------ projection
 
-struct Projected {  // per input Gaussian
-  std::unique_ptr<Splat[]> splat;  // uninitialised: only drawn entries are written and read
-  std::vector<TileRect> tiles;
-  std::vector<double> depth;
+struct Projected {  // per input Gaussian; splat, tiles and depth are set only where drawn
+  explicit Projected(int64_t n)
+      : splat(new Splat[n]), tiles(new TileRect[n]), depth(new double[n]), drawn(n, 0) {}
+  std::unique_ptr<Splat[]> splat;
+  std::unique_ptr<TileRect[]> tiles;
+  std::unique_ptr<double[]> depth;
   std::vector<uint8_t> drawn;  // visible and opaque enough to ever reach alpha >= 1/255
 };
 
 struct Projector {
+  Projector(const Scene& scene, const Camera& cam, const Settings& set, int degree, int tiles_x,
+            int tiles_y)
+      : scene(scene), cam(cam), set(set), degree(degree), tiles_x(tiles_x), tiles_y(tiles_y),
+        // x/z, y/z clamp of the Jacobian: 0.3 tan(half-FOV) beyond the image on each side
+        u_min(-(cam.cx / cam.fx + 0.3 * (0.5 * cam.width / cam.fx))),
+        u_max((cam.width - cam.cx) / cam.fx + 0.3 * (0.5 * cam.width / cam.fx)),
+        v_min(-(cam.cy / cam.fy + 0.3 * (0.5 * cam.height / cam.fy))),
+        v_max((cam.height - cam.cy) / cam.fy + 0.3 * (0.5 * cam.height / cam.fy)),
+        tile_size(set.tile_size), inv_tile(1.0 / set.tile_size),
+        inv_tile_exact((set.tile_size & (set.tile_size - 1)) == 0) {}
   const Scene& scene;
   const Camera& cam;
   const Settings& set;
-  int degree;
-  int tiles_x, tiles_y;
+  const int degree;
+  const int tiles_x, tiles_y;
+  const double u_min, u_max, v_min, v_max;
+  const double tile_size, inv_tile;
+  const bool inv_tile_exact;
 
   // Projects Gaussian i; returns its radius (0 = dropped) and fills the outputs when drawn.
   int32_t project(int64_t i, Projected& out) const {
@@ -169,23 +259,22 @@ struct Projector {
     const double zc = V[8] * mx + V[9] * my + V[10] * mz + V[11];
     if (!(zc >= set.near_plane && zc <= set.far_plane)) return 0;
 
-    // R S from the normalised w-first quaternion, column j scaled by s_j.
+    // R S from the w-first quaternion, column j scaled by s_j. R of the normalised quaternion
+    // is R of the raw one with its products scaled by 1/|q|^2: one division, no square root
+    // (the dividers are the scarce unit here, and a second hardware thread may share them).
     const float* q = scene.quats + 4 * i;
-    const double qn = std::max(std::sqrt(double(q[0]) * q[0] + double(q[1]) * q[1] +
-                                         double(q[2]) * q[2] + double(q[3]) * q[3]), kNormalizeEps);
-    const double w = q[0] / qn, x = q[1] / qn, y = q[2] / qn, z = q[3] / qn;
-    const double R[9] = {1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                         2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)};
+    const double w = q[0], x = q[1], y = q[2], z = q[3];
+    const double two = 2 / std::max(w * w + x * x + y * y + z * z, kNormalizeEps * kNormalizeEps);
+    const double R[9] = {1 - two * (y * y + z * z), two * (x * y - w * z), two * (x * z + w * y),
+                         two * (x * y + w * z), 1 - two * (x * x + z * z), two * (y * z - w * x),
+                         two * (x * z - w * y), two * (y * z + w * x), 1 - two * (x * x + y * y)};
     const float* s = scene.scales + 3 * i;
 
     // Perspective Jacobian with x/z, y/z clamped a little beyond the image (gsplat's rule).
-    const double tan_x = 0.5 * cam.width / cam.fx, tan_y = 0.5 * cam.height / cam.fy;
-    const double u = std::min(std::max(xc / zc, -(cam.cx / cam.fx + 0.3 * tan_x)),
-                              (cam.width - cam.cx) / cam.fx + 0.3 * tan_x);
-    const double v = std::min(std::max(yc / zc, -(cam.cy / cam.fy + 0.3 * tan_y)),
-                              (cam.height - cam.cy) / cam.fy + 0.3 * tan_y);
-    const double J[6] = {cam.fx / zc, 0, -cam.fx * u / zc, 0, cam.fy / zc, -cam.fy * v / zc};
+    const double x_over_z = xc / zc, y_over_z = yc / zc, inv_z = 1 / zc;
+    const double u = std::min(std::max(x_over_z, u_min), u_max);
+    const double v = std::min(std::max(y_over_z, v_min), v_max);
+    const double J[6] = {cam.fx * inv_z, 0, -cam.fx * u * inv_z, 0, cam.fy * inv_z, -cam.fy * v * inv_z};
     double JW[6];  // J @ viewmat[:3, :3]
     for (int r = 0; r < 2; ++r)
       for (int c = 0; c < 3; ++c)
@@ -203,7 +292,7 @@ struct Projector {
     const double b = 0.5 * (cov_xx + cov_yy);
     const double radius = std::ceil(3.0 * std::sqrt(b + std::sqrt(std::max(b * b - det, 0.01))));
     if (!(radius > set.radius_clip)) return 0;
-    const double px = xc / zc * cam.fx + cam.cx, py = yc / zc * cam.fy + cam.cy;
+    const double px = x_over_z * cam.fx + cam.cx, py = y_over_z * cam.fy + cam.cy;
     if (!(px + radius > 0 && px - radius < cam.width && py + radius > 0 && py - radius < cam.height))
       return 0;
     const int32_t radius_px =
@@ -218,54 +307,86 @@ struct Projector {
     Splat& sp = out.splat[i];
     sp.mean_x = px;
     sp.mean_y = py;
-    sp.conic_xx = cov_yy / det;
-    sp.conic_xy = -cov_xy / det;
-    sp.conic_yy = cov_xx / det;
+    const double inv_det = 1 / det;
+    sp.conic_xx = cov_yy * inv_det;
+    sp.conic_xy = -cov_xy * inv_det;
+    sp.conic_yy = cov_xx * inv_det;
     sp.opacity = opacity;
     const double sigma_cut = std::log(255.0 * double(opacity));  // alpha >= 1/255 <=> sigma <= this
     sp.sigma_skip = sigma_cut + kSigmaCutMargin;
-    colour(i, sp.feature);
-    sp.feature[3] = float(zc);
+    sp.feature[3] = float(zc);  // rgb: colour_range(), in a second pass
 
-    // Pixel box of the ellipse 1/2 d^T cov^-1 d <= s: half-widths sqrt(2 s cov_xx), sqrt(2 s cov_yy).
-    const double s_box = std::max(sigma_cut, 0.0) * kBoxSigmaScale + kBoxSigmaSlack;
-    const double ext_x = std::sqrt(2 * s_box * cov_xx), ext_y = std::sqrt(2 * s_box * cov_yy);
+    // Pixel box of the ellipse 1/2 d^T cov^-1 d <= s (s = sigma_skip): half-widths
+    // sqrt(2 s cov_xx), sqrt(2 s cov_yy), widened by a hair against rounding; every pixel
+    // outside has alpha < 1/255, so the reference skips it too.
+    const double ext_x = std::sqrt(2 * sp.sigma_skip * cov_xx), ext_y = std::sqrt(2 * sp.sigma_skip * cov_yy);
+    const double slack_x = kBoxSlack + 1e-9 * ext_x, slack_y = kBoxSlack + 1e-9 * ext_y;
     auto pixel = [](double value, int size) {  // clamp to [-1, size] before the int conversion
       return int32_t(std::min(std::max(value, -1.0), double(size)));
     };
-    sp.box_x0 = pixel(std::floor(px - ext_x - 0.5) - 1, cam.width);
-    sp.box_x1 = pixel(std::ceil(px + ext_x - 0.5) + 1, cam.width);
-    sp.box_y0 = pixel(std::floor(py - ext_y - 0.5) - 1, cam.height);
-    sp.box_y1 = pixel(std::ceil(py + ext_y - 0.5) + 1, cam.height);
+    sp.box_x0 = pixel(std::ceil(px - ext_x - 0.5 - slack_x), cam.width);
+    sp.box_x1 = pixel(std::floor(px + ext_x - 0.5 + slack_x), cam.width);
+    sp.box_y0 = pixel(std::ceil(py - ext_y - 0.5 - slack_y), cam.height);
+    sp.box_y1 = pixel(std::floor(py + ext_y - 0.5 + slack_y), cam.height);
 
     // Tiles: the reference's radius box [floor((m - r)/ts), ceil((m + r)/ts)), then only the
     // tiles that also meet the pixel box (the others would composite nothing).
-    const double ts = set.tile_size, r = radius;
+    const double r = radius;
     auto tile = [](double value, int tiles) {
       return int32_t(std::min(std::max(value, 0.0), double(tiles)));
     };
+    // (m -+ r) / ts, as a product when 1/ts is exact (a power of two): the same bits, no division
+    auto in_tiles = [&](double value) { return inv_tile_exact ? value * inv_tile : value / tile_size; };
     TileRect& t = out.tiles[i];
-    t.x0 = std::max(tile(std::floor((px - r) / ts), tiles_x), tile(std::floor(sp.box_x0 / ts), tiles_x));
-    t.x1 = std::min(tile(std::ceil((px + r) / ts), tiles_x), tile(std::floor(sp.box_x1 / ts) + 1, tiles_x));
-    t.y0 = std::max(tile(std::floor((py - r) / ts), tiles_y), tile(std::floor(sp.box_y0 / ts), tiles_y));
-    t.y1 = std::min(tile(std::ceil((py + r) / ts), tiles_y), tile(std::floor(sp.box_y1 / ts) + 1, tiles_y));
+    const int tile_px = set.tile_size;  // box corners are in [-1, size]
+    auto first_tile = [&](int32_t pixel) { return std::max(pixel, 0) / tile_px; };
+    auto end_tile = [&](int32_t pixel, int tiles) { return pixel < 0 ? 0 : std::min(pixel / tile_px + 1, tiles); };
+    t.x0 = std::max(tile(std::floor(in_tiles(px - r)), tiles_x), first_tile(sp.box_x0));
+    t.x1 = std::min(tile(std::ceil(in_tiles(px + r)), tiles_x), end_tile(sp.box_x1, tiles_x));
+    t.y0 = std::max(tile(std::floor(in_tiles(py - r)), tiles_y), first_tile(sp.box_y0));
+    t.y1 = std::min(tile(std::ceil(in_tiles(py + r)), tiles_y), end_tile(sp.box_y1, tiles_y));
+    if (sp.box_x0 > sp.box_x1 || sp.box_y0 > sp.box_y1) t = TileRect{0, 0, 0, 0};  // no pixel centre inside
     return radius_px;
   }
 
-  // rgb = max(SH(normalize(mean - centre)) + 0.5, 0)
-  void colour(int64_t i, float* rgb) const {
+  // Unit view direction normalize(mean - centre) of Gaussian i.
+  VIST3A_INLINE void direction(int64_t i, double* unit) const {
     const float* m = scene.means + 3 * i;
-    double d[3] = {m[0] - cam.centre[0], m[1] - cam.centre[1], m[2] - cam.centre[2]};
+    const double d[3] = {m[0] - cam.centre[0], m[1] - cam.centre[1], m[2] - cam.centre[2]};
     const double n = std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), kNormalizeEps);
-    double basis[(kMaxShDegree + 1) * (kMaxShDegree + 1)];
-    sh_basis(degree, d[0] / n, d[1] / n, d[2] / n, basis);
-    const float* coeffs = scene.sh + int64_t(scene.num_coeffs) * 3 * i;
-    double sum[3] = {0.0, 0.0, 0.0};  // three independent chains, coefficients read in order
-    for (int k = 0; k < scene.num_coeffs; ++k)
-      for (int c = 0; c < 3; ++c) sum[c] += basis[k] * coeffs[3 * k + c];
-    for (int c = 0; c < 3; ++c) rgb[c] = float(std::max(sum[c] + 0.5, 0.0));
+    const double inv_n = 1 / n;
+    for (int c = 0; c < 3; ++c) unit[c] = d[c] * inv_n;
   }
 };
+
+// rgb = max(SH(normalize(mean - centre)) + 0.5, 0) of the drawn Gaussians in [begin, end).
+// The coefficients are [K, 3] floats per Gaussian: they are dotted with the basis (repeated per
+// channel) twelve at a time, in three vectors whose lanes cycle through the channels.
+VIST3A_SIMD_CLONES
+void colour_range(const Projector& projector, Projected& proj, int64_t begin, int64_t end) {
+  const Scene& scene = projector.scene;
+  const int count = 3 * scene.num_coeffs;
+  double weights[3 * (kMaxShDegree + 1) * (kMaxShDegree + 1)];
+  for (int64_t i = begin; i < end; ++i) {
+    if (!proj.drawn[i]) continue;
+    double unit[3], basis[(kMaxShDegree + 1) * (kMaxShDegree + 1)];
+    projector.direction(i, unit);
+    sh_basis(projector.degree, unit[0], unit[1], unit[2], basis);
+    for (int k = 0; k < scene.num_coeffs; ++k)
+      weights[3 * k] = weights[3 * k + 1] = weights[3 * k + 2] = basis[k];
+    const float* coeffs = scene.sh + int64_t(count) * i;
+    Doubles acc[3] = {broadcast(0.0), broadcast(0.0), broadcast(0.0)};
+    int j = 0;
+    for (; j + 12 <= count; j += 12)
+      for (int v = 0; v < 3; ++v) acc[v] += load(weights + j + 4 * v) * load_floats(coeffs + j + 4 * v);
+    double sum[3] = {0.0, 0.0, 0.0};
+    for (; j < count; ++j) sum[j % 3] += weights[j] * coeffs[j];
+    for (int v = 0; v < 3; ++v)
+      for (int lane = 0; lane < kLanes; ++lane) sum[(4 * v + lane) % 3] += acc[v][lane];
+    float* rgb = proj.splat[i].feature;
+    for (int c = 0; c < 3; ++c) rgb[c] = float(std::max(sum[c] + 0.5, 0.0));
+  }
+}
 
 // ------------------------------------------------------------------------------ sort and bin
 
@@ -353,99 +474,142 @@ Bins bin(const Projected& proj, const std::vector<uint32_t>& order, int tiles, i
 
 // ------------------------------------------------------------------------------ compositing
 
-// Four pixels of a tile row at a time, in float64: the rules compare against thresholds
-// (alpha >= 1/255, T(1 - alpha) <= 1e-4), and float32 maths would put a pixel on the other
-// side of one now and then (a visible error of up to ~alpha T). GCC/Clang vector extensions
-// compile to SSE2 (two instructions per vector) on x86-64, to NEON on ARM. Each lane is one
-// pixel and sees the tile's Gaussians in order, so lanes follow the scalar rules exactly.
-constexpr int kLanes = 4;
 constexpr int kPrefetch = 4;  // Gaussians ahead in a tile's list
-typedef double Doubles __attribute__((vector_size(32)));
-typedef int64_t Masks __attribute__((vector_size(32)));  // lane masks: -1 true, 0 false
-// Helpers taking or returning vectors are always inlined: a 32-byte vector crosses a call
-// differently with and without AVX, and the AVX2 clone below must never call an SSE copy.
-#define VIST3A_INLINE __attribute__((always_inline)) inline
 
-VIST3A_INLINE Doubles broadcast(double v) { return Doubles{v, v, v, v}; }
-VIST3A_INLINE Masks broadcast_mask(int64_t v) { return Masks{v, v, v, v}; }
-VIST3A_INLINE bool any(Masks mask) { return ((mask[0] | mask[1]) | (mask[2] | mask[3])) != 0; }
-VIST3A_INLINE Doubles select(Masks mask, Doubles yes, Doubles no) {
-  return (Doubles)(((Masks)yes & mask) | ((Masks)no & ~mask));
-}
-
-// exp(x) for x <= 0 (x = -sigma), Cephes' rational approximation (~1 ulp, like libm's exp);
-// lanes below -700 give ~1e-304 instead of underflowing further (alpha is then skipped anyway).
-VIST3A_INLINE Doubles exp_negative(Doubles x) {
-  const Doubles floor_x = broadcast(-700.0);
-  x = select(x < floor_x, floor_x, x);
-  // n = round(x / ln 2) via the 1.5 * 2^52 trick: exact for |n| < 2^51, no float->int instruction
-  const Doubles magic = broadcast(6755399441055744.0);
-  const Doubles shifted = x * broadcast(1.4426950408889634073599) + magic;
-  const Doubles n = shifted - magic;
-  const Masks n_int = (Masks)shifted - (Masks)magic;
-  x = x - n * broadcast(6.93145751953125e-1) - n * broadcast(1.42860682030941723212e-6);
-  const Doubles xx = x * x;
-  const Doubles p = x * ((broadcast(1.26177193074810590878e-4) * xx +
-                          broadcast(3.02994407707441961300e-2)) * xx +
-                         broadcast(9.99999999999999999910e-1));
-  const Doubles q = ((broadcast(3.00198505138664455042e-6) * xx +
-                      broadcast(2.52448340349684104192e-3)) * xx +
-                     broadcast(2.27265548208155028766e-1)) * xx +
-                    broadcast(2.00000000000000000009e0);
-  const Doubles e = broadcast(1.0) + broadcast(2.0) * (p / (q - p));
-  return e * (Doubles)((n_int + broadcast_mask(1023)) << 52);  // times 2^n
-}
-
-// Storage for vectors, 32-byte aligned whatever the target: without AVX the compiler gives a
-// 32-byte vector type only 16-byte alignment, while the AVX2 clone loads it with aligned moves.
-template <class Vector>
-class AlignedArray {
+// A worker's scratch doubles, 64-byte aligned.
+class AlignedDoubles {
  public:
-  AlignedArray() = default;
-  AlignedArray(const AlignedArray&) = delete;
-  AlignedArray& operator=(const AlignedArray&) = delete;
-  ~AlignedArray() { release(); }
-  void fill(size_t count, Vector value) {
+  AlignedDoubles() = default;
+  AlignedDoubles(const AlignedDoubles&) = delete;
+  AlignedDoubles& operator=(const AlignedDoubles&) = delete;
+  ~AlignedDoubles() { release(); }
+  void assign(size_t count, double value) {
     if (count > capacity_) {
       release();
-      data_ = static_cast<Vector*>(::operator new(count * sizeof(Vector), std::align_val_t{32}));
+      data_ = static_cast<double*>(::operator new(count * sizeof(double), std::align_val_t{64}));
       capacity_ = count;
     }
     std::fill_n(data_, count, value);
   }
-  Vector& operator[](size_t i) { return data_[i]; }
+  double& operator[](size_t i) { return data_[i]; }
 
  private:
   void release() {
-    if (data_) ::operator delete(data_, std::align_val_t{32});
+    if (data_) ::operator delete(data_, std::align_val_t{64});
     data_ = nullptr;
     capacity_ = 0;
   }
-  Vector* data_ = nullptr;
+  double* data_ = nullptr;
   size_t capacity_ = 0;
 };
 
-struct TileState {  // one worker's scratch for one tile; rows padded to whole lane groups
-  int stride = 0;
-  AlignedArray<Doubles> trans, red, green, blue, depth;
-  AlignedArray<Masks> done;  // the pixel met its terminating Gaussian
+struct TileState {  // one worker's scratch for one tile; a Gaussian's groups start at its first column
+  int stride = 0;   // doubles per row: the tile's columns, then room for a group's overhang
+  AlignedDoubles trans;  // transmittance, negated once the pixel met its terminating Gaussian
+  AlignedDoubles red, green, blue, depth;
   void reset(int rows, int cols) {
-    stride = (cols + kLanes - 1) / kLanes;
-    const size_t groups = size_t(rows) * stride;
-    trans.fill(groups, broadcast(1.0));
-    for (auto* v : {&red, &green, &blue, &depth}) v->fill(groups, broadcast(0.0));
-    done.fill(groups, broadcast_mask(0));
+    stride = cols + kLanes - 1;
+    const size_t count = size_t(rows) * stride;
+    trans.assign(count, 1.0);
+    for (auto* v : {&red, &green, &blue, &depth}) v->assign(count, 0.0);
   }
 };
 
-// The baseline build is x86-64-v2 (SSE4.2); on Linux x86-64 the compositing loop is also
-// compiled for AVX2 and picked at load time when the CPU has it (same maths, no FMA: the same
-// bits either way, see -ffp-contract=off in CMakeLists.txt).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define VIST3A_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VIST3A_SIMD_CLONES
-#endif
+// sigma of the Gaussian at a pixel centre (scalar; the reference's formula)
+VIST3A_INLINE double sigma_at(const Splat& sp, int x, int y) {
+  const double dx = (x + 0.5) - sp.mean_x, dy = (y + 0.5) - sp.mean_y;
+  return 0.5 * (sp.conic_xx * dx * dx + sp.conic_yy * dy * dy) + sp.conic_xy * dx * dy;
+}
+
+// One Gaussian over the pixels [x0, x1] x [y0, y1] of the tile at (col0, row0), four at a
+// time and branch-free (lanes outside the ellipse simply stay unchanged). Returns how many
+// pixels it ended.
+//
+// exp(-sigma) comes from products instead of an exp per group where that is safe: sigma is a
+// quadratic, so its differences between neighbouring groups (4 columns) and rows are linear and
+// the exp of those differences changes by constant factors. With E = exp(-sigma), H the factor
+// to the next group of a row and W the factor to the next row:
+//   E(g+1, y) = E(g, y) H(g, y),    H(g+1, y) = H(g, y) exp(-16 a),
+//   E(0, y+1) = E(0, y) W(y),       W(y+1) = W(y) exp(-c),   H(0, y+1) = H(0, y) exp(-4 b)
+// ((a, b, c) the conic), i.e. three vector exps per Gaussian and tile instead of one per group.
+// Each product adds ~1 ulp; a tile has at most ts/4 groups by ts rows, so E stays within
+// ~1e-14 relative (the thresholds need ~1e-12). Valid while every factor stays in range: sigma
+// is convex, so its maximum over the groups' rectangle is at a corner, and when that is <= 300
+// all E, H, W (and the constants, which are ratios of them) lie in [e^-600, e^600]; otherwise
+// (thin, long, tilted ellipses) each group takes its own exp, as it does when the Gaussian has
+// fewer than kIncrementalMinGroups groups here (four exps would not pay off).
+constexpr double kIncrementalSigmaMax = 300;
+constexpr int kIncrementalMinGroups = 6;
+
+VIST3A_INLINE int blend(const Splat& sp, int x0, int x1, int y0, int y1, int col0, int row0,
+                        TileState& st) {
+  const Doubles lane_centre = Doubles{0.5, 1.5, 2.5, 3.5};  // pixel centres relative to lane 0
+  const Masks lane = Masks{0, 1, 2, 3};
+  const Doubles opacity = broadcast(sp.opacity), skip = broadcast(sp.sigma_skip);
+  const Doubles cxx = broadcast(sp.conic_xx), cxy = broadcast(sp.conic_xy), cyy = broadcast(sp.conic_yy);
+  const Doubles fr = broadcast(sp.feature[0]), fg = broadcast(sp.feature[1]);
+  const Doubles fb = broadcast(sp.feature[2]), fz = broadcast(sp.feature[3]);
+  const Masks last_col = broadcast_mask(x1);
+  const int groups = (x1 - x0) / kLanes + 1, x_end = x0 + groups * kLanes - 1;  // last lane's column
+  const bool incremental =
+      groups * (y1 - y0 + 1) >= kIncrementalMinGroups &&
+      std::max(std::max(sigma_at(sp, x0, y0), sigma_at(sp, x_end, y0)),
+               std::max(sigma_at(sp, x0, y1), sigma_at(sp, x_end, y1))) <= kIncrementalSigmaMax;
+
+  Doubles e_row = broadcast(0.0), h_row = e_row, w_row = e_row;  // E, H, W at the row's first group
+  Doubles step_h = e_row, step_w = e_row, step_h_row = e_row;
+  if (incremental) {
+    const Doubles dx0 = (broadcast(double(x0)) + lane_centre) - broadcast(sp.mean_x);
+    const double dy0 = (y0 + 0.5) - sp.mean_y;
+    const double a = sp.conic_xx, b = sp.conic_xy, c = sp.conic_yy;
+    e_row = exp_clamped(-(broadcast(0.5) * (cxx * dx0 * dx0 + broadcast(c * dy0 * dy0)) +
+                          cxy * dx0 * broadcast(dy0)));
+    h_row = exp_clamped(-(broadcast(4 * a) * dx0 + broadcast(8 * a + 4 * b * dy0)));
+    w_row = exp_clamped(-(broadcast(b) * dx0 + broadcast(c * dy0 + 0.5 * c)));
+    const Doubles constants = exp_clamped(Doubles{-16 * a, -c, -4 * b, 0.0});
+    step_h = broadcast(constants[0]);
+    step_w = broadcast(constants[1]);
+    step_h_row = broadcast(constants[2]);
+  }
+
+  Masks ended = broadcast_mask(0);  // per lane: how many pixels ended here
+  for (int y = y0; y <= y1; ++y) {
+    const Doubles dy = broadcast((y + 0.5) - sp.mean_y);
+    const Doubles yy = cyy * dy * dy;
+    const int64_t row = int64_t(y - row0) * st.stride - col0;  // + x: the column's index
+    Doubles e = e_row, h = h_row;
+    for (int x = x0; x <= x1; x += kLanes) {
+      const int64_t at = row + x;
+      const Doubles dx = (broadcast(double(x)) + lane_centre) - broadcast(sp.mean_x);
+      // the reference's 1/2 (a dx^2 + c dy^2) + b dx dy
+      const Doubles sigma = broadcast(0.5) * (cxx * dx * dx + yy) + cxy * dx * dy;
+      Doubles alpha = opacity * (incremental ? e : exp_clamped(-sigma));
+      e = e * h;
+      h = h * step_h;
+      alpha = alpha < broadcast(kAlphaMax) ? alpha : broadcast(kAlphaMax);
+      const Doubles trans = load(&st.trans[at]);  // negative: the pixel has ended
+      // sigma <= sigma_skip is the reference's alpha >= 1/255 (to 1e-9 in sigma; the alpha test
+      // settles that sliver)
+      Masks live = (lane + broadcast_mask(x) <= last_col) & (trans > broadcast(0.0)) &
+                   (sigma >= broadcast(0.0)) & (sigma <= skip) & (alpha >= broadcast(kAlphaMin));
+      const Doubles next = trans * (broadcast(1.0) - alpha);
+      // pixels that end here: this Gaussian is excluded, and T keeps its value with a minus sign
+      const Masks ends = live & (next <= broadcast(kTransmittanceMin));
+      live &= ~ends;
+      ended -= ends;
+      const Doubles weight = live ? alpha * trans : broadcast(0.0);
+      store(&st.red[at], load(&st.red[at]) + weight * fr);
+      store(&st.green[at], load(&st.green[at]) + weight * fg);
+      store(&st.blue[at], load(&st.blue[at]) + weight * fb);
+      store(&st.depth[at], load(&st.depth[at]) + weight * fz);
+      store(&st.trans[at], live ? next : (ends ? -trans : trans));
+    }
+    e_row = e_row * w_row;
+    w_row = w_row * step_w;
+    h_row = h_row * step_h_row;
+  }
+  return int((ended[0] + ended[1]) + (ended[2] + ended[3]));
+}
 
 VIST3A_SIMD_CLONES
 void composite_tile(const Bins& bins, int tile, int tiles_x, const Camera& cam,
@@ -456,8 +620,6 @@ void composite_tile(const Bins& bins, int tile, int tiles_x, const Camera& cam,
   const int cols = std::min(ts, cam.width - col0), rows = std::min(ts, cam.height - row0);
   const int pixels = cols * rows;
   st.reset(rows, cols);
-  const Masks lane = Masks{0, 1, 2, 3};
-  const Doubles lane_centre = Doubles{0.5, 1.5, 2.5, 3.5};  // pixel centres relative to the group
   int finished = 0;
 
   const int64_t end = bins.start[tile + 1];
@@ -471,75 +633,21 @@ void composite_tile(const Bins& bins, int tile, int tiles_x, const Camera& cam,
     const int x0 = std::max(sp.box_x0, col0), x1 = std::min(sp.box_x1, col0 + cols - 1);
     const int y0 = std::max(sp.box_y0, row0), y1 = std::min(sp.box_y1, row0 + rows - 1);
     if (x0 > x1 || y0 > y1) continue;
-    const Doubles opacity = broadcast(sp.opacity), skip = broadcast(sp.sigma_skip);
-    const Doubles cxx = broadcast(sp.conic_xx), cxy = broadcast(sp.conic_xy), cyy = broadcast(sp.conic_yy);
-    const Doubles fr = broadcast(sp.feature[0]), fg = broadcast(sp.feature[1]);
-    const Doubles fb = broadcast(sp.feature[2]), fz = broadcast(sp.feature[3]);
-    const double conic_det = sp.conic_xx * sp.conic_yy - sp.conic_xy * sp.conic_xy;
-    for (int y = y0; y <= y1; ++y) {
-      // This row's columns where sigma <= sigma_skip: 1/2 a dx^2 + b dy dx + 1/2 c dy^2 <= s
-      // gives dx in (-b dy -+ sqrt(2 a s - (a c - b^2) dy^2)) / a; widened by a hair so that
-      // rounding here never drops a pixel (each lane is tested exactly below).
-      const double row_dy = (y + 0.5) - sp.mean_y;
-      const double disc = 2 * sp.conic_xx * sp.sigma_skip - conic_det * row_dy * row_dy;
-      if (disc < 0) continue;
-      const double root = std::sqrt(disc), centre = -sp.conic_xy * row_dy;
-      const double lo = (centre - root) / sp.conic_xx, hi = (centre + root) / sp.conic_xx;
-      const double slack = 1e-6 + 1e-9 * (std::abs(lo) + std::abs(hi));
-      const double span_x0 = std::ceil(sp.mean_x + lo - 0.5 - slack);
-      const double span_x1 = std::floor(sp.mean_x + hi - 0.5 + slack);
-      const int row_x0 = span_x0 > x0 ? int(std::min(span_x0, double(x1 + 1))) : x0;
-      const int row_x1 = span_x1 < x1 ? int(std::max(span_x1, double(x0 - 1))) : x1;
-      if (row_x0 > row_x1) continue;
-      const int g0 = (row_x0 - col0) / kLanes, g1 = (row_x1 - col0) / kLanes;
-      const Masks first_col = broadcast_mask(row_x0), last_col = broadcast_mask(row_x1);
-      const Doubles dy = broadcast(row_dy);
-      const Doubles yy = cyy * dy * dy, xy = cxy * dy;
-      const size_t row = size_t(y - row0) * st.stride;
-      for (int g = g0; g <= g1; ++g) {
-        const int first = col0 + g * kLanes;
-        const Masks col = lane + broadcast_mask(first);
-        const Doubles dx = (broadcast(double(first)) + lane_centre) - broadcast(sp.mean_x);
-        // the reference's 1/2 (a dx^2 + c dy^2) + b dx dy
-        const Doubles sigma = broadcast(0.5) * (cxx * dx * dx + yy) + xy * dx;
-        Masks live = (col >= first_col) & (col <= last_col) & ~st.done[row + g] &
-                     (sigma >= broadcast(0.0)) & (sigma <= skip);
-        if (!any(live)) continue;
-        Doubles alpha = opacity * exp_negative(-sigma);
-        alpha = select(alpha > broadcast(kAlphaMax), broadcast(kAlphaMax), alpha);
-        live &= alpha >= broadcast(kAlphaMin);
-        if (!any(live)) continue;
-        const Doubles trans = st.trans[row + g];
-        const Doubles next = trans * (broadcast(1.0) - alpha);
-        const Masks ends = live & (next <= broadcast(kTransmittanceMin));
-        if (any(ends)) {  // these pixels end here; this Gaussian is excluded from them
-          st.done[row + g] |= ends;
-          for (int j = 0; j < kLanes; ++j) finished += ends[j] != 0;
-          live &= ~ends;
-        }
-        const Doubles weight = select(live, alpha * trans, broadcast(0.0));
-        st.red[row + g] += weight * fr;
-        st.green[row + g] += weight * fg;
-        st.blue[row + g] += weight * fb;
-        st.depth[row + g] += weight * fz;
-        st.trans[row + g] = select(live, next, trans);
-      }
-    }
+    finished += blend(sp, x0, x1, y0, y1, col0, row0, st);
   }
 
   const double bg[3] = {background ? background[0] : 0.0, background ? background[1] : 0.0,
                         background ? background[2] : 0.0};
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < cols; ++c) {
-      const size_t g = size_t(r) * st.stride + c / kLanes;
-      const int j = c % kLanes;
-      const double trans = st.trans[g][j];
+      const size_t at = size_t(r) * st.stride + c;
+      const double trans = std::abs(st.trans[at]);  // negative where the pixel ended
       const int64_t out = int64_t(row0 + r) * cam.width + col0 + c;
-      const double rgb[3] = {st.red[g][j] + trans * bg[0], st.green[g][j] + trans * bg[1],
-                             st.blue[g][j] + trans * bg[2]};
+      const double rgb[3] = {st.red[at] + trans * bg[0], st.green[at] + trans * bg[1],
+                             st.blue[at] + trans * bg[2]};
       for (int ch = 0; ch < 3; ++ch)
         image.color[3 * out + ch] = float(set.clamp_color ? std::min(std::max(rgb[ch], 0.0), 1.0) : rgb[ch]);
-      image.depth[out] = float(st.depth[g][j]);
+      image.depth[out] = float(st.depth[at]);
       image.alpha[out] = float(1.0 - trans);
     }
 }
@@ -560,15 +668,12 @@ Stats rasterize(const Scene& scene, const Camera& cam, const float* background,
   // 1. project every Gaussian and colour the drawn ones
   auto start = Clock::now();
   const int64_t n = scene.count;
-  Projected proj;
-  proj.splat.reset(new Splat[n]);
-  proj.tiles.resize(n);
-  proj.depth.assign(n, 0.0);
-  proj.drawn.assign(n, 0);
-  const Projector projector{scene, cam, set, degree, tiles_x, tiles_y};
+  Projected proj(n);
+  const Projector projector(scene, cam, set, degree, tiles_x, tiles_y);
   run_workers(threads, [&](int worker) {
     auto [begin, end] = share(n, worker, threads);
     for (int64_t i = begin; i < end; ++i) image.radii[i] = projector.project(i, proj);
+    colour_range(projector, proj, begin, end);  // apart: two short loops overlap better than one long
   });
   for (int64_t i = 0; i < n; ++i) stats.visible += image.radii[i] > 0;
   stats.project_ms = ms_since(start);
