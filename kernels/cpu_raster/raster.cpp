@@ -36,9 +36,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -76,14 +78,32 @@ struct TileRect {
   int32_t x0, x1, y0, y1;  // half-open tile ranges; empty when x0 >= x1 or y0 >= y1
 };
 
-// Runs fn(worker) on ``threads`` workers (the caller is worker 0) and joins them.
+// Runs fn(worker) for worker = 0 .. threads-1, worker 0 on the calling thread, and joins them;
+// an exception in a worker (std::bad_alloc) is rethrown here instead of terminating the
+// process, and a thread that cannot be started has its share run here.
 template <class Fn>
 void run_workers(int threads, Fn&& fn) {
+  std::vector<std::exception_ptr> errors(threads);
+  auto guarded = [&](int worker) {
+    try {
+      fn(worker);
+    } catch (...) {
+      errors[worker] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(threads > 1 ? threads - 1 : 0);
-  for (int worker = 1; worker < threads; ++worker) pool.emplace_back(fn, worker);
-  fn(0);
+  for (int worker = 1; worker < threads; ++worker) {
+    try {
+      pool.emplace_back(guarded, worker);
+    } catch (const std::system_error&) {  // no thread to be had: run its share here
+      guarded(worker);
+    }
+  }
+  guarded(0);
   for (auto& thread : pool) thread.join();
+  for (auto& error : errors)
+    if (error) std::rethrow_exception(error);
 }
 
 // [begin, end) of ``count`` items for ``worker`` of ``threads`` (contiguous, balanced).

@@ -113,7 +113,9 @@ def _check_tensor(name: str, value, shape: tuple) -> None:
     if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
         expected = "[" + ",".join("*" if s is None else str(s) for s in shape) + "]"
         raise Vist3AInputError(f"{name} must have shape {expected}, got {list(value.shape)}")
-    if not torch.isfinite(value).all():
+    # The sum is finite unless a value is nan/inf (or huge finite values overflow it, which the
+    # exact test then clears): 1-2 ms instead of ~45 for torch.isfinite on a 200k x 25 x 3 SH.
+    if not torch.isfinite(value.detach().sum()) and not torch.isfinite(value).all():
         raise Vist3AInputError(f"{name} has non-finite values (nan or inf)")
 
 
