@@ -76,13 +76,18 @@ def test_bad_settings_exit_2_and_write_nothing(tiny_model, tmp_path, capsys, ext
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_empty_prompt_and_missing_model_exit_2(tiny_model, tmp_path, capsys):
+def test_empty_prompt_and_missing_model_exit_2(tiny_model, tmp_path, capsys, monkeypatch):
+    import vist3a_rt.models as models
+
     assert main(["generate", "   ", "--model", str(tiny_model), "--out", str(tmp_path / "x")]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     assert main(["generate", "a cube", "--model", str(tmp_path / "nowhere")]) == 2
     assert "model folder not found" in capsys.readouterr().err
-    assert main(["generate", "a cube"]) == 2  # default model: the embedded one, not built yet
-    assert "nano" in capsys.readouterr().err
+    # default model: the embedded one; an install without it says so
+    monkeypatch.setattr(models, "embedded_model_dir", lambda name="nano": tmp_path / "no-package" / name)
+    assert main(["generate", "a cube", "--out", str(tmp_path / "y")]) == 2
+    assert "embedded model 'nano' is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_missing_piece_and_foreign_lora_exit_2(tiny_model, tmp_path, capsys):

@@ -39,8 +39,18 @@ def _info_lines() -> list[str]:
         "optional: " + ", ".join(f"{m} {_module_version(m)}" for m in
                                  ("onnxruntime", "tensorrt", "triton", "diffusers", "transformers", "peft")),
         "render backends: " + ", ".join(_render_backends()),
-        "embedded model (nano): not built yet",
+        "embedded model (nano): " + _embedded_summary(),
     ]
+
+
+def _embedded_summary() -> str:
+    from .models import embedded_manifest, embedded_model_dir
+
+    manifest = embedded_manifest("nano")
+    if manifest is None:
+        return f"not installed (expected at {embedded_model_dir('nano')})"
+    size = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    return f"installed, {size / 2**20:.1f} MiB, {embedded_model_dir('nano')}"
 
 
 def _render_backends() -> list[str]:

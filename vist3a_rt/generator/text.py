@@ -17,6 +17,7 @@ e2e fixture's settings.json.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -134,3 +135,29 @@ def check_prompts(prompts: str | Sequence[str], *, allow_empty: bool = False) ->
         if not allow_empty and not prompt.strip():
             raise Vist3AInputError(f"prompt {i} is empty" if len(prompts) > 1 else "the prompt is empty")
     return list(prompts)
+
+
+# --- closed vocabularies (the nano model) ----------------------------------------------------------
+
+WORD = re.compile(r"[^\W_]+")  # a run of letters / digits: what "a word" means to unknown_words
+
+
+def unknown_words(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[str]:
+    """The words of ``text`` (runs of letters / digits, first occurrence order, as written) that
+    the tokenizer does not hold as a single piece: the text encoder never learned them as words."""
+    unknown: dict[str, None] = {}
+    for word in WORD.findall(text):
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            unknown.setdefault(word)
+    return list(unknown)
+
+
+def warn_unknown_words(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[str]:
+    """``unknown_words``, with a ``UserWarning`` naming them when there are any."""
+    unknown = unknown_words(tokenizer, text)
+    if unknown:
+        warnings.warn(f"the model's vocabulary does not know {len(unknown)} word(s) of the prompt: "
+                      f"{', '.join(unknown)}; they reach the text encoder only as sub-word pieces and "
+                      "will most likely be ignored", UserWarning, stacklevel=2)
+    return unknown

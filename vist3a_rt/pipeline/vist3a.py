@@ -15,10 +15,10 @@ import torch
 from ..decoder import DecoderConfig, StitchedDecoder
 from ..decoder.loading import load_stitched_decoder, resolve_config
 from ..errors import Vist3AInputError
+from ..models import EMBEDDED_MODELS, embedded_model
 from .model_folder import ModelPaths
 from .result import GenerationResult
 
-EMBEDDED_MODELS = ("nano",)
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Vist3A:
                                             dtype=dtype, device=torch_device)
         model = cls(generator, decoder, source=str(source), device=torch_device, dtype=dtype,
                     defaults=_defaults_from(config))
+        model.closed_vocabulary = _closed_vocabulary(model_paths)
         model.load_timings = timings
         return model
 
@@ -115,8 +116,15 @@ class Vist3A:
         values = {**asdict(self.defaults), **{k: v for k, v in overrides.items() if v is not None}}
         return GenerationSettings(**values)
 
+    closed_vocabulary = False  # a model trained on a fixed word list (nano): warn about other words
+
     def _encode(self, prompt: str, settings: GenerationSettings):
         from ..generator.text import OFFICIAL_NEGATIVE_PROMPT, wrap_prompt
+
+        if self.closed_vocabulary:
+            from ..generator.text import warn_unknown_words
+
+            warn_unknown_words(self.generator.components.tokenizer, prompt)
 
         text = wrap_prompt(prompt) if settings.use_prompt_template else prompt
         negative = OFFICIAL_NEGATIVE_PROMPT if settings.negative_prompt is None else settings.negative_prompt
@@ -137,11 +145,21 @@ class Vist3A:
 
 def _resolve_paths(source, paths: dict) -> ModelPaths:
     if source in EMBEDDED_MODELS:
-        raise Vist3AInputError(f"the embedded model {source!r} is not built yet; pass a model folder "
-                               "laid out as released (wan/, anysplat/, anysplat_stitched.pth, optional lora/)")
+        return ModelPaths.from_folder(embedded_model(source)).with_overrides(**paths)
     if source is None:
         return ModelPaths.explicit(**paths)
     return ModelPaths.from_folder(source).with_overrides(**paths)
+
+
+def _closed_vocabulary(paths: ModelPaths) -> bool:
+    """Nano-style models record in their manifest that their tokenizer knows only the world's words."""
+    import json
+
+    manifest = paths.wan.parent / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("model") == "vist3a-nano"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _defaults_from(config: DecoderConfig) -> GenerationSettings:

@@ -6,6 +6,7 @@ imports (torch, diffusers, the models) happen inside the commands.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -116,3 +117,80 @@ def _read_videos(path: Path):
             return f.get_tensor(VAE_VIDEOS), f.get_tensor(NET_VIDEOS) if NET_VIDEOS in keys else None
     except SafetensorError as err:
         raise Vist3AInputError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+@train.command("nano")
+@click.option("--out", "work_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The recipe's working folder (created; an existing one is resumed).")
+@click.option("--stages", default="all", show_default=True,
+              help="Comma-separated stages to run (in recipe order): vae, latents, denoiser, recon, "
+                   "layer_search, stitch, classifier, reward, assemble.")
+@click.option("--redo", default=None, help="Reopen these stages (and every later one) to train them further.")
+@click.option("--budget", "budgets", multiple=True, metavar="STAGE=STEPS[:MINUTES]",
+              help="Step budget (total) and optional time budget (this run) of a training stage.")
+@click.option("--threads", type=int, default=None, help="torch threads for this process (default: the recipe's, 1).")
+@click.option("--seed", type=int, default=None, help="Seed of a new recipe folder (default 0).")
+@click.option("--preset", type=click.Choice(["nano", "micro"]), default=None, help="Model sizes of a new folder.")
+def nano_command(work_dir, stages, redo, budgets, threads, seed, preset) -> None:
+    """The VIST3A-nano recipe end to end, resumable per stage."""
+    from .nano.recipe import run_recipe
+    from .nano.workspace import Budget
+
+    overrides: dict = {}
+    for text in budgets:
+        stage, _, value = text.partition("=")
+        steps, _, minutes = value.partition(":")
+        try:
+            overrides[f"{stage.strip()}_budget"] = Budget(int(steps), float(minutes) if minutes else None)
+        except ValueError:
+            raise Vist3AInputError(f"--budget must look like STAGE=STEPS[:MINUTES], got {text!r}") from None
+    for name, value in (("threads", threads), ("seed", seed), ("preset", preset)):
+        if value is not None:
+            overrides[name] = value
+    records = run_recipe(work_dir, stages=stages, overrides=overrides, redo=redo.split(",") if redo else None)
+    for stage, record in records.items():
+        shown = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and k not in ("commit", "host")}
+        click.echo(f"{stage}: {json.dumps(shown)}")
+
+
+def _stage_command(stage: str):
+    @click.option("--out", "work_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="The nano recipe's working folder (its earlier stages must be done).")
+    @click.option("--budget", default=None, metavar="STEPS[:MINUTES]",
+                  help="Step budget (total) and optional time budget (this run) of the stage.")
+    @click.option("--threads", type=int, default=None, help="torch threads for this process.")
+    @click.option("--redo", is_flag=True, help="Reopen the stage (and later ones) to train it further.")
+    def command(work_dir, budget, threads, redo) -> None:
+        from .nano.recipe import run_recipe
+        from .nano.workspace import Budget
+
+        overrides: dict = {} if threads is None else {"threads": threads}
+        if budget is not None:
+            steps, _, minutes = budget.partition(":")
+            try:
+                overrides[f"{stage}_budget"] = Budget(int(steps), float(minutes) if minutes else None)
+            except ValueError:
+                raise Vist3AInputError(f"--budget must look like STEPS[:MINUTES], got {budget!r}") from None
+        record = run_recipe(work_dir, stages=[stage], overrides=overrides, redo=[stage] if redo else None)[stage]
+        shown = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and k not in ("commit", "host")}
+        click.echo(f"{stage}: {json.dumps(shown)}")
+
+    command.__doc__ = f"Run the nano recipe's {stage!r} stage on a recipe folder (see `train nano`)."
+    return command
+
+
+for _stage, _help in (("vae", "Train the Wan VAE on world clips."),
+                      ("denoiser", "Train the text encoder + Wan transformer (flow matching) on VAE latents."),
+                      ("recon", "Train the AnySplat-architecture reconstruction network from scratch."),
+                      ("stitch", "Distil the network into the stitched decoder (latents in), from layer search."),
+                      ("reward", "Reward-finetune the denoiser (LoRA) through the stitched decoder.")):
+    train.command(_stage, help=_help + " One stage of `train nano`, resumable.")(_stage_command(_stage))
+
+
+@train.command("install")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+def install_command(model_dir) -> None:
+    """Copy an assembled nano model (RECIPE/assemble/model) into the package as the embedded model."""
+    from .nano.assemble import install_embedded
+
+    click.echo(f"installed: {install_embedded(model_dir)}")

@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import shutil
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -57,15 +55,14 @@ import torch
 
 from ..errors import ConfigError
 from ..generator.loading import WanComponents, set_offline_defaults
-from ..generator.text import OFFICIAL_NEGATIVE_PROMPT, PROMPT_TEMPLATE
+from ..generator.text import WORD, OFFICIAL_NEGATIVE_PROMPT, PROMPT_TEMPLATE, unknown_words, warn_unknown_words
 from ..testing import tiny_model
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5EncoderModel
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 LATENT_CHANNELS = 16  # Wan 2.1's z_dim; the stitching layer and every checkpoint assume it
-WORD = re.compile(r"[^\W_]+")  # a run of letters / digits: what "a word" means to unknown_words
 OPENING_MARKS = ("`", '"', "(", "[")  # split off word starts by the nano tokenizer's normaliser
 
 
@@ -265,27 +262,6 @@ def _scored_vocab(word_pieces: dict[str, int], others: list[str], tok, corpus: l
     floor = words[-1][1] - 1.0
     scored = tiny_model._score_pieces(others, tiny_model._pretokenized_words(tok, corpus))
     return [(t, 0.0) for t in tiny_model.SPECIAL_TOKENS] + words + [(p, round(s + floor, 6)) for p, s in scored]
-
-
-def unknown_words(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[str]:
-    """The words of ``text`` (runs of letters / digits, first occurrence order, as written) that
-    the tokenizer does not hold as a single piece: the text encoder never learned them as words."""
-    unknown: dict[str, None] = {}
-    for word in WORD.findall(text):
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            unknown.setdefault(word)
-    return list(unknown)
-
-
-def warn_unknown_words(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[str]:
-    """``unknown_words``, with a ``UserWarning`` naming them when there are any."""
-    unknown = unknown_words(tokenizer, text)
-    if unknown:
-        warnings.warn(f"the model's vocabulary does not know {len(unknown)} word(s) of the prompt: "
-                      f"{', '.join(unknown)}; they reach the text encoder only as sub-word pieces and "
-                      "will most likely be ignored", UserWarning, stacklevel=2)
-    return unknown
 
 
 # --- the official folder ---------------------------------------------------------------------------

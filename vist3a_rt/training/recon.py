@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoder.config import DecoderConfig, EncoderConfig
-from ..decoder.geometry import FOCAL_EPS, quaternion_to_matrix, unproject_depth
+from ..decoder.geometry import FOCAL_EPS, unproject_depth
 from ..decoder.network import DecoderOutput, ReconstructionModel
 from ..errors import Vist3AInputError
 from ..rendering.reference import RasterConfig, rasterize_gaussians
@@ -72,12 +72,15 @@ DEFAULT_WEIGHTS = {"rgb": 1.0, "rgb_self": 0.5, "ssim": 0.0, "depth": 1.0, "came
 CAMERA_TERM_WEIGHTS = {"translation": 1.0, "rotation": 1.0, "fov": 0.5}  # VGGT's
 CAMERA_ITERATION_GAMMA = 0.6  # VGGT: later refinement iterations weigh more
 NANO_TAPS = [1, 3, 5, 7]  # the official [4, 11, 17, 23] of 24 layers, scaled to 8
+# The stitch stage's LoRA: the official alpha / rank ratio (32 / 64) at rank 16. At width 64 the
+# official rank 64 would carry more parameters than the weights it adapts (15 MB of the 40 MB budget).
+NANO_LORA = "r16,a8,d0.0,f0"
 
 
 # ---------------------------------------------------------------------------- the nano network
 
 
-def nano_decoder_config() -> DecoderConfig:
+def nano_decoder_config(stitching_location: str = "enc_blocks_2") -> DecoderConfig:
     """AnySplat-architecture sizes for VIST3A-nano: 84×84 input, 13 frames, 2.42 M parameters.
 
     Sizes: width 64, DINO 4 blocks and aggregator 8 (frame + global) blocks with 4 heads each
@@ -85,11 +88,12 @@ def nano_decoder_config() -> DecoderConfig:
     channels (Gaussian head 16 + 16), SH degree 4 as official. Resolution chain: the video
     VAE's 96 px frames → 12×12 latents (8×) → the stitching conv's stride 2 → a 6×6 token grid
     → 84 px at 14 px per patch; ``img_size`` 84 so DINO's position table is used un-resized.
-    Stitched at ``enc_blocks_2`` (half the DINO blocks stay in the stitched tail). Taps
+    Stitched at ``stitching_location`` (default ``enc_blocks_2``: half the DINO blocks stay in
+    the stitched tail; the recipe uses layer search's pick). Taps
     [1, 3, 5, 7]: the official [4, 11, 17, 23] need an aggregator depth of 24, so both
     ``intermediate_layer_idx`` and ``stitched_intermediate_layer_idx`` are set to the official
     ones' positions scaled to 8 layers. Per-pixel Gaussians (no voxelization): a fixed count
-    of 13·84² = 91,728, the same in training and at run time.
+    of 13·84² = 91,728, the same in training and at run time. Stitching LoRA ``NANO_LORA``.
 
     Measured (torch 2.13, this 2-core CPU, one clip [1, 3, 13, 84, 84], float32): forward
     without grad 144 ms (2 threads) / 242 ms (1 thread); forward + backward 367 / 572 ms.
@@ -101,21 +105,39 @@ def nano_decoder_config() -> DecoderConfig:
     step is about 2.4 s with ``rgb`` + ``rgb_self``, 1.4 s with ``rgb`` alone, 0.3 s with no
     rendering (timed on a shared machine under load; minima of 3-4 runs).
     """
-    encoder = EncoderConfig(voxelize=False, intermediate_layer_idx=list(NANO_TAPS))
+    return _small_decoder_config(width=64, dino_depth=4, agg_depth=8, heads=4, dpt=(32, [16, 32, 64, 64]),
+                                 gs_head=16, taps=NANO_TAPS, video=96, network=84, frames=13,
+                                 stitching_location=stitching_location, lora=NANO_LORA)
+
+
+def micro_decoder_config(stitching_location: str = "enc_blocks_1") -> DecoderConfig:
+    """The same architecture at test size (the ``"micro"`` video preset: 5 frames × 32² → 2×2
+    tokens → 28 px input): width 16, DINO 2, aggregator 4."""
+    return _small_decoder_config(width=16, dino_depth=2, agg_depth=4, heads=2, dpt=(8, [4, 8, 16, 16]),
+                                 gs_head=4, taps=[0, 1, 2, 3], video=32, network=28, frames=5,
+                                 stitching_location=stitching_location, lora="r4,a2,d0.0,f0")
+
+
+def _small_decoder_config(*, width: int, dino_depth: int, agg_depth: int, heads: int, dpt: tuple[int, list[int]],
+                          gs_head: int, taps: list[int], video: int, network: int, frames: int,
+                          stitching_location: str, lora: str) -> DecoderConfig:
+    encoder = EncoderConfig(voxelize=False, intermediate_layer_idx=list(taps))
+    features, channels = dpt
     return DecoderConfig.from_dict({
         "anysplat": {"encoder_cfg": dataclasses.asdict(encoder),
                      "decoder_cfg": {"name": "splatting_cuda", "background_color": [1.0, 1.0, 1.0],
                                      "make_scale_invariant": False}},
         "architecture_constants": {
-            "img_size": 84, "patch_size": 14, "embed_dim": 64, "agg_depth": 8, "agg_num_heads": 4,
-            "dino_depth": 4, "dino_num_heads": 4, "cam_num_heads": 4, "dpt_features": 32,
-            "dpt_out_channels": [16, 32, 64, 64], "gs_features": 32, "gs_out_channels": [16, 32, 64, 64],
-            "gs_head_features_1": 16, "gs_head_features_2": 16,
-            "stitched_intermediate_layer_idx": list(NANO_TAPS)},
-        "stitching": {"stitching_layer_location": "enc_blocks_2",
-                      "stitching_layer_config": "conv3d_k5x3x3_o64_s1x2x2_p2x1x1"},
-        "resolutions": {"vae_resolution": 96, "feedforward_resolution": 84, "num_frames": 13,
-                        "latent_frames": 4, "latent_channels": 16},
+            "img_size": network, "patch_size": 14, "embed_dim": width, "agg_depth": agg_depth,
+            "agg_num_heads": heads, "dino_depth": dino_depth, "dino_num_heads": heads, "cam_num_heads": heads,
+            "dpt_features": features, "dpt_out_channels": list(channels), "gs_features": features,
+            "gs_out_channels": list(channels), "gs_head_features_1": gs_head, "gs_head_features_2": gs_head,
+            "stitched_intermediate_layer_idx": list(taps)},
+        "stitching": {"stitching_layer_location": stitching_location,
+                      "stitching_layer_config": f"conv3d_k5x3x3_o{width}_s1x2x2_p2x1x1",
+                      "lora_config": lora},
+        "resolutions": {"vae_resolution": video, "feedforward_resolution": network, "num_frames": frames,
+                        "latent_frames": (frames - 1) // 4 + 1, "latent_channels": 16},
     })
 
 
@@ -591,4 +613,4 @@ def _camera_metrics(output: DecoderOutput, targets: Targets) -> dict[str, float]
 
 __all__ = ["Clip", "DEFAULT_WEIGHTS", "ReconSettings", "ReconTrainer", "Targets", "Views", "align_to_first_camera",
            "align_views", "camera_loss", "depth_loss", "encode_pose_encoding", "evaluate", "make_targets",
-           "matrix_to_quaternion", "nano_decoder_config", "psnr", "recon_losses", "render_views", "ssim"]
+           "matrix_to_quaternion", "micro_decoder_config", "nano_decoder_config", "psnr", "recon_losses", "render_views", "ssim"]

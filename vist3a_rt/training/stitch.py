@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints.lora import parse_lora_spec
-from ..checkpoints.official import DINO_PREFIX, DINO_TOKENS, stitched_names
+from ..checkpoints.official import DINO_TOKENS, stitched_names
 from ..decoder.network import DecoderOutput, ReconstructionModel, StitchedDecoder
 from ..errors import Vist3AInputError
 from .lora import add_lora, lora_state_dict
