@@ -62,6 +62,7 @@ from ..generator.latents import latent_statistics
 from ..generator.sampling import apply_guidance, guidance_context, make_scheduler, predict_velocity
 from ..generator.text import wrap_prompt
 from ..rendering.reference import RasterConfig, rasterize_gaussians
+from .denoiser import flow_matching_pair, timesteps_from_sigmas
 from .rewards import Reward, RewardContext
 
 # The official target list of train_vdm.py (the released adapters use it too).
@@ -316,11 +317,10 @@ def flow_matching_loss(transformer: nn.Module, latents: Tensor,  # [B, C, T, h, 
     x0 = latents.float()
     sigma = torch.rand(x0.shape[0], generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    noisy = (1 - s) * x0 + s * noise
-    pred = transformer(hidden_states=noisy.to(transformer.dtype), timestep=sigma * 1000,
+    noisy, target = flow_matching_pair(x0, noise, sigma)
+    pred = transformer(hidden_states=noisy.to(transformer.dtype), timestep=timesteps_from_sigmas(sigma),
                        encoder_hidden_states=prompt_embeds.to(transformer.dtype), return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise - x0)
+    return F.mse_loss(pred.float(), target)
 
 
 # --- the trainer ---------------------------------------------------------------------------

@@ -53,6 +53,17 @@ def random_windows(videos: Tensor, frames: int, generator: torch.Generator) -> T
     return torch.stack([v[:, s:s + frames] for v, s in zip(videos, starts.tolist())])
 
 
+def random_crops(videos: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """The same random ``size``² window of every frame, per clip ([B, 3, T, H, W] -> [B, 3, T, size, size]).
+    Crop offsets are multiples of 8 (the VAE's spatial stride), so latent cells stay aligned."""
+    H, W = videos.shape[-2:]
+    if size >= min(H, W):
+        return videos
+    ys = torch.randint(0, (H - size) // 8 + 1, (videos.shape[0],), generator=generator) * 8
+    xs = torch.randint(0, (W - size) // 8 + 1, (videos.shape[0],), generator=generator) * 8
+    return torch.stack([v[..., y:y + size, x:x + size] for v, y, x in zip(videos, ys.tolist(), xs.tolist())])
+
+
 def novel_views(dataset: WorldDataset, index: int) -> tuple[Tensor, Tensor, Tensor]:
     """Views half-way between the orbit's input frames (never seen as input): frames
     [3, T-1, H, W] in [-1, 1], camtoworld [T-1, 4, 4], pixel K [T-1, 3, 3]."""

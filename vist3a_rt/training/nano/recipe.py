@@ -45,7 +45,8 @@ class RecipeSettings:
     # vae
     vae_budget: Budget = field(default_factory=lambda: Budget(4000))
     vae_batch: int = 4
-    vae_window: int = 5
+    vae_window: int = 5  # frames per training clip (1 + 4: both causal paths of the encoder)
+    vae_crop: int = 48  # square crop of each training clip (its full size when larger)
     vae_lr: float = 3e-4
     vae_stat_clips: int = 64
     # latents / denoiser

@@ -1,8 +1,8 @@
 """The video half of the nano recipe: ``vae`` → ``latents`` → ``denoiser``.
 
-``vae``       trains the Wan VAE on random windows of world clips (a short window trains both
-              the causal first-frame path and the 4-frame groups at a fraction of a full clip's
-              cost), then measures the latent statistics on full 13-frame clips and its
+``vae``       trains the Wan VAE on random windows and crops of world clips (a short window
+              trains both the causal first-frame path and the 4-frame groups, and a crop the
+              same convolutions, at a fraction of a full clip's cost: more updates per hour), then measures the latent statistics on full 13-frame clips and its
               held-out reconstruction PSNR.
 ``latents``   encodes a fixed set of training clips once (posterior means, raw VAE space):
               the denoiser's data set, the reward stage's regulariser data.
@@ -23,7 +23,7 @@ from ..reward import normalize_latents
 from ..vae import VaeTrainer, fit_latent_statistics
 from ..world import VOCABULARY, make_caption
 from ..world.scene_graph import SceneGraph
-from .data import random_windows, stream_indices
+from .data import random_crops, random_windows, stream_indices
 from .workspace import Budget, TrainLoop
 
 VAE_MODEL, LATENTS_FILE, WAN_FOLDER = "model", "latents.pt", "wan"
@@ -40,8 +40,8 @@ def train_vae(run) -> dict:
     loop = TrainLoop(ws, "vae", s.vae_budget, trainer.steps, lambda: ws.save_state("vae", trainer.state_dict()))
     for step in loop:
         videos = clips.video_batch(stream_indices("vae", step, s.vae_batch))["video"]
-        windows = random_windows(videos, s.vae_window, torch.Generator().manual_seed(s.seed * 7919 + step))
-        loop.record(trainer.step(windows))
+        draw = torch.Generator().manual_seed(s.seed * 7919 + step)
+        loop.record(trainer.step(random_crops(random_windows(videos, s.vae_window, draw), s.vae_crop, draw)))
     # full 13-frame clips from here on: statistics on training clips, PSNR on held-out ones
     stats_batches = (clips.video_batch(stream_indices("latents", -1 - i, 4))["video"]  # before the latents set
                      for i in range(s.vae_stat_clips // 4))
