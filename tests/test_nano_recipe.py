@@ -81,8 +81,9 @@ def test_a_second_run_skips_done_stages_and_redo_continues_training(recipe, tmp_
     assert again["vae"]["finished"] == records["vae"]["finished"]  # not re-run
     extended = run_recipe(copy, stages="recon", overrides={"recon_budget": Budget(3)}, redo=["recon"])
     assert extended["recon"]["steps"] == 3  # resumed from step 2, not restarted
-    assert not (copy / "stitch" / "done.json").exists()  # later stages reopened with it
-    assert (copy / "vae" / "done.json").exists()  # earlier ones not
+    assert not (copy / "stitch" / "done.json").exists()  # stages that need it reopened with it
+    assert not (copy / "assemble" / "done.json").exists()
+    assert all((copy / s / "done.json").exists() for s in ("vae", "latents", "denoiser", "classifier"))
 
 
 def test_settings_and_stage_errors(recipe, tmp_path):

@@ -125,7 +125,7 @@ def _read_videos(path: Path):
 @click.option("--stages", default="all", show_default=True,
               help="Comma-separated stages to run (in recipe order): vae, latents, denoiser, recon, "
                    "layer_search, stitch, classifier, reward, assemble.")
-@click.option("--redo", default=None, help="Reopen these stages (and every later one) to train them further.")
+@click.option("--redo", default=None, help="Reopen these stages (and every stage that depends on them) to train them further.")
 @click.option("--budget", "budgets", multiple=True, metavar="STAGE=STEPS[:MINUTES]",
               help="Step budget (total) and optional time budget (this run) of a training stage.")
 @click.option("--threads", type=int, default=None, help="torch threads for this process (default: the recipe's, 1).")
@@ -159,7 +159,7 @@ def _stage_command(stage: str):
     @click.option("--budget", default=None, metavar="STEPS[:MINUTES]",
                   help="Step budget (total) and optional time budget (this run) of the stage.")
     @click.option("--threads", type=int, default=None, help="torch threads for this process.")
-    @click.option("--redo", is_flag=True, help="Reopen the stage (and later ones) to train it further.")
+    @click.option("--redo", is_flag=True, help="Reopen the stage (and the stages that depend on it) to train it further.")
     def command(work_dir, budget, threads, redo) -> None:
         from .nano.recipe import run_recipe
         from .nano.workspace import Budget

@@ -173,9 +173,8 @@ def run_recipe(work_dir: str | Path, settings: RecipeSettings | None = None, sta
                overrides: dict | None = None, redo: list[str] | None = None) -> dict:
     """Run ``stages`` (default all) in order; returns {stage: done record}."""
     ws, settings = open_workspace(work_dir, settings, overrides)
-    order = list(STAGES)
     if redo:
-        ws.reopen(resolve_stages(redo), order)
+        ws.reopen(resolve_stages(redo), REQUIRES)
     torch.set_num_threads(settings.threads)
     run = Run(ws, settings)
     records = {}

@@ -8,7 +8,7 @@
       <stage>/...            the stage's artifacts
 
 A stage is skipped when its ``done.json`` exists; ``Workspace.reopen(stage)`` removes the
-marker (and those of every later stage, which depend on it) so that a run with a larger budget
+marker (and those of every stage that depends on it) so that a run with a larger budget
 continues from ``state.pt``.
 """
 
@@ -63,10 +63,15 @@ class Workspace:
     def mark_done(self, stage: str, record: dict) -> None:
         write_json(self.stage_dir(stage) / DONE_FILE, record)
 
-    def reopen(self, stages: list[str], order: list[str]) -> list[str]:
-        """Remove the done markers of ``stages`` and of every stage after the first of them."""
-        first = min(order.index(s) for s in stages)
-        reopened = [s for s in order[first:] if self.is_done(s)]
+    def reopen(self, stages: list[str], requires: dict[str, tuple[str, ...]]) -> list[str]:
+        """Remove the done markers of ``stages`` and of every stage that (transitively) needs one."""
+        affected = set(stages)
+        changed = True
+        while changed:
+            dependants = {s for s, needs in requires.items() if affected & set(needs)} - affected
+            affected |= dependants
+            changed = bool(dependants)
+        reopened = [s for s in requires if s in affected and self.is_done(s)]
         for stage in reopened:
             (self.root / stage / DONE_FILE).unlink()
         return reopened
