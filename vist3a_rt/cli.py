@@ -114,6 +114,33 @@ def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames
         click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s)")
 
 
+@cli.command("eval")
+@click.option("--model", default="nano", show_default=True,
+              help="'nano' (embedded) or a model folder laid out as released.")
+@click.option("--baseline", default=None,
+              help="A model folder (e.g. before reward fine-tuning) to compare on the same prompts and seeds.")
+@click.option("--clips", type=int, default=8, show_default=True, help="Held-out clips for sections 1-3 (0 skips).")
+@click.option("--prompts", type=int, default=64, show_default=True,
+              help="Held-out captions for sections 4-6 (0 skips).")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Held-out stream, noise draws, base of the generation seeds.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/eval"), show_default=True,
+              help="Folder for report.md and report.json (created; earlier reports there are replaced).")
+@click.option("--device", default="cpu", show_default=True)
+def eval_command(model, baseline, clips, prompts, steps, seed, out_dir, device) -> None:
+    """Evaluate a model on the procedural world's held-out compositions: report.md + report.json."""
+    from .evaluation import EvalSettings, check_output_folder, run_eval, write_report
+
+    settings = EvalSettings(model=model, baseline=baseline, clips=clips, prompts=prompts, steps=steps, seed=seed,
+                            device=device)
+    check_output_folder(out_dir)
+    report = run_eval(settings, command=settings.command_line(out_dir),
+                      log=lambda line: click.echo(line, err=True))
+    for path in write_report(report, out_dir):
+        click.echo(path)
+
+
 def _register_training_commands() -> None:
     from .training.cli import train  # light: the subcommands import their heavy modules lazily
 
