@@ -6,6 +6,9 @@ export contract (``vist3a_rt.export.contracts``), so the pipeline does not care 
 * ``onnxruntime`` — ``OnnxRuntimeBackend``: exported ONNX graphs through onnxruntime (CPU
   execution provider; CUDA / TensorRT providers with ``onnxruntime-gpu``). Needs the ``onnx``
   extra; onnxruntime is imported only when a backend is created.
+* ``tensorrt`` — ``TensorRTBackend``: engines built from the same ONNX
+  (``vist3a_rt.export.tensorrt_build``), I/O bound to torch CUDA tensors, the denoiser replayed
+  as a CUDA graph. Needs tensorrt and an NVIDIA GPU; imported only when a backend is created.
 
 Nothing here is imported until first use.
 """
@@ -38,7 +41,9 @@ class Backend(Protocol):
 
 
 _LAZY = {"OnnxRuntimeBackend": "vist3a_rt.backends.onnxruntime_backend",
-         "OnnxRuntimeStage": "vist3a_rt.backends.onnxruntime_backend"}
+         "OnnxRuntimeStage": "vist3a_rt.backends.onnxruntime_backend",
+         "TensorRTBackend": "vist3a_rt.backends.tensorrt_backend",
+         "TensorRTStage": "vist3a_rt.backends.tensorrt_backend"}
 
 __all__ = ["Backend", "BackendUnavailableError", *_LAZY]
 
