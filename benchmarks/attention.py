@@ -12,7 +12,16 @@ Reports TFLOP/s (forward 4 B H Nq Nk D flops, two matmuls; backward 2.5x that: f
 and median ms from ``triton.testing.do_bench``, and the max |Triton - SDPA| of each output,
 so a fast wrong kernel cannot pass. Needs CUDA and triton; elsewhere it says so and exits 0.
 
+``--wan``: instead, Wan's denoiser end to end at the block level -- a random-weight
+``WanTransformer3DModel`` with the official block sizes (1.3B: 1536 wide, 12 heads; 14B: 5120
+wide, 40 heads; head dim 128, 4096-dim text, 512 text tokens) and ``--wan-layers`` blocks,
+in bfloat16 as ``from_pretrained(torch_dtype=bfloat16)`` loads it, one inference forward with
+diffusers' SDPA processors and with ours (``vist3a_rt.generator.attention``: fused 3D RoPE).
+Reports ms per forward and per block, the speedup, and max |ours - SDPA| relative to the
+output's scale (and tokens/s in the JSON).
+
     python benchmarks/attention.py [--dtypes bf16 fp16] [--modes fwd fwd+bwd] [--quick] [--json out.json]
+    python benchmarks/attention.py --wan [--wan-layers 2] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -92,6 +101,70 @@ def run_scenario(name, B, H, N, D, rope_kind, dtype, mode):
     return row
 
 
+# (name, width, heads, ffn width, batch, latent frames, latent height, latent width)
+WAN_SCENARIOS = [
+    ("Wan 1.3B 512^2 x 13 frames (CFG)", 1536, 12, 8960, 2, 4, 64, 64),
+    ("Wan 14B 480p x 81 frames", 5120, 40, 13824, 1, 21, 60, 104),
+]
+WAN_QUICK = {"Wan 1.3B 512^2 x 13 frames (CFG)"}
+
+
+def wan_transformer(width: int, heads: int, ffn: int, layers: int):
+    """Random Wan 2.1 T2V transformer on CUDA, bfloat16 except ``_keep_in_fp32_modules``."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("cuda"):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=width // heads, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6).eval()
+    keep = set(model._keep_in_fp32_modules)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep & set(name.split(".")):
+            tensor.data = tensor.data.to(torch.bfloat16)
+    return model
+
+
+def run_wan_scenario(name, width, heads, ffn, batch, frames, height, width_latent, layers):
+    import torch
+    from triton.testing import do_bench
+    from vist3a_rt.generator.attention import use_triton_attention
+
+    model = wan_transformer(width, heads, ffn, layers)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    latents = torch.randn(batch, 16, frames, height, width_latent, device="cuda", generator=gen).bfloat16()
+    text = torch.randn(batch, 512, 4096, device="cuda", generator=gen).bfloat16()
+    timestep = torch.full((batch,), 500, device="cuda")
+    tokens = frames * (height // 2) * (width_latent // 2)
+    row = {"scenario": name, "width": width, "heads": heads, "layers": layers, "batch": batch, "tokens": tokens}
+    outputs = {}
+    for label, enabled in (("sdpa", False), ("triton", True)):
+        choice = use_triton_attention(model, enabled=enabled)
+        if choice.backend != label:
+            raise RuntimeError(f"could not switch to {label}: {choice.reason}")
+        with torch.no_grad():
+            outputs[label] = model(latents, timestep, text, return_dict=False)[0].float()
+            ms = do_bench(lambda: model(latents, timestep, text, return_dict=False))
+        row[f"{label}_ms"] = ms
+        row[f"{label}_block_ms"] = ms / layers
+        row[f"{label}_tokens_per_s"] = batch * tokens / (ms * 1e-3)
+    row["speedup"] = row["sdpa_ms"] / row["triton_ms"]
+    scale = outputs["sdpa"].abs().max().item()
+    row["max_rel_diff"] = (outputs["triton"] - outputs["sdpa"]).abs().max().item() / scale
+    return row
+
+
+WAN_HEADER = (f"{'scenario':34} {'tokens':>7} {'layers':>6} {'sdpa ms':>9} {'triton ms':>10} "
+              f"{'sdpa ms/blk':>11} {'triton ms/blk':>13} {'speedup':>7} {'rel|diff|':>9}")
+
+
+def format_wan_row(r: dict) -> str:
+    return (f"{r['scenario']:34} {r['batch'] * r['tokens']:7d} {r['layers']:6d} {r['sdpa_ms']:9.2f} "
+            f"{r['triton_ms']:10.2f} {r['sdpa_block_ms']:11.2f} {r['triton_block_ms']:13.2f} "
+            f"{r['speedup']:7.2f} {r['max_rel_diff']:9.2e}")
+
+
 HEADER = (f"{'scenario':34} {'dtype':8} {'mode':8} {'triton TFLOP/s':>14} {'sdpa TFLOP/s':>13} "
           f"{'ratio':>6} {'triton ms':>10} {'sdpa ms':>9} {'max|diff|':>9}")
 
@@ -108,6 +181,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     parser.add_argument("--quick", action="store_true", help="four scenarios only")
     parser.add_argument("--json", help="also write every row here")
+    parser.add_argument("--wan", action="store_true",
+                        help="Wan's denoiser forward with diffusers' SDPA processors vs ours instead")
+    parser.add_argument("--wan-layers", type=int, default=2, help="transformer blocks in --wan models")
     args = parser.parse_args(argv)
 
     import torch
@@ -122,6 +198,8 @@ def main(argv=None) -> int:
         print("benchmarks/attention.py needs triton: pip install 'vist3a-rt[triton]'")
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.wan:
+        return run_wan(args)
     print(HEADER)
     print("-" * len(HEADER))
     rows = []
@@ -135,6 +213,24 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    return 0
+
+
+def run_wan(args) -> int:
+    import torch
+
+    print(WAN_HEADER)
+    print("-" * len(WAN_HEADER))
+    rows = []
+    for scenario in WAN_SCENARIOS:
+        if args.quick and scenario[0] not in WAN_QUICK:
+            continue
+        rows.append(run_wan_scenario(*scenario, args.wan_layers))
+        print(format_wan_row(rows[-1]), flush=True)
+        torch.cuda.empty_cache()  # the scenario's model is gone: give its memory back
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "wan_rows": rows}, f, indent=1)
     return 0
 
 

@@ -34,8 +34,8 @@ forward kernel's prologue (each program loads its query tile once). k is streame
 loop, once per query block: rotating it there would redo the rotation Nq / BLOCK_M times, so
 ``_rope_kernel`` rotates k once before the launch. The backward re-rotates q the same way and
 maps dQ, dK back through the transposed rotation (the same kernel with the sign flipped).
-Wiring ``Rope.wan_3d`` into the Wan denoiser (an attention processor on the generator side)
-is future work; the op and its reference are here and tested against diffusers' formula.
+The Wan denoiser runs this through ``vist3a_rt.generator.attention`` (a diffusers attention
+processor, ``VIST3A_ATTENTION=triton``).
 
 Limits: no dropout, no GQA / MQA, v has q's head dim, no arbitrary additive masks.
 Interpreter (``TRITON_INTERPRET=1``, how CPU-only machines test this file; it must be set
@@ -65,12 +65,16 @@ LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# The forward's autotune space on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+GPU_FORWARD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
+                       (64, 32, 4, 2))
+
+
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs one config; small blocks exercise the tails
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-                               (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2))]
+            for m, n, w, s in GPU_FORWARD_CONFIGS]
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -440,11 +444,15 @@ def apply_rope(x: torch.Tensor,  # [B, H, N, D], last dim contiguous
     pos, freq, axis, partner, sign, stride_pos_b, stride_pos_n = _rope_args(rope, x)
     y = torch.empty(B, H, N, D, dtype=out_dtype or x.dtype, device=x.device)
     block_d = padded_head_dim(D)
-    block_n = max(1, min(64, 4096 // block_d))
+    block_n = _rope_block_n(block_d)
     _rope_kernel[(triton.cdiv(N, block_n), B * H)](
         x, y, pos, freq, axis, partner, sign, x.stride(0), x.stride(1), x.stride(2), stride_pos_b, stride_pos_n,
         H, N, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=block_d, INVERSE=inverse)
     return y
+
+
+def _rope_block_n(block_d: int) -> int:
+    return max(1, min(64, 4096 // block_d))
 
 
 def _forward(q, k, v, rope: Rope | None, scale: float, causal: bool, kpm: torch.Tensor | None):
@@ -642,22 +650,26 @@ def _aot(kernel, pointers: dict, floats: tuple, constexprs: dict, **options) -> 
             "attrs": {(i,): [["tt.divisibility", 16]] for i in aligned}, "options": options}
 
 
+_AOT_TABLES = {"POS": "*fp32", "FREQ": "*fp32", "AXIS": "*i32", "PARTNER": "*i32", "SIGN": "*fp32"}
+
+
+def _aot_pointers(dt: str, rope: bool) -> dict:
+    grads = "*fp32" if rope else f"*{dt}"  # with RoPE, dQ / dK are rotated back from float32
+    return {**{name: f"*{dt}" for name in ("Q", "K", "V", "O", "DO", "DV", "Y")}, **_AOT_TABLES,
+            "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*i8", "DQ": grads, "DK": grads, "X": grads}
+
+
+def _aot_switches(head_dim: int, causal: bool, kpm: bool) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), CAUSAL=causal, HAS_KPM=kpm,
+                DOT_FP32=False, PRECISION="ieee")
+
+
 def aot_variants() -> list[dict]:
     """Kernel variants worth proving ahead of time: every kernel, every constexpr switch on at
     least once, both official head dims, 16-bit and float32 dots: ``[{fn, signature,
     constexprs, attrs, options}]`` for ``triton.compile(ASTSource(fn, signature, constexprs,
     attrs), target, options=options)``."""
-    tables = {"POS": "*fp32", "FREQ": "*fp32", "AXIS": "*i32", "PARTNER": "*i32", "SIGN": "*fp32"}
-
-    def pointers(dt: str, rope: bool) -> dict:
-        grads = "*fp32" if rope else f"*{dt}"  # with RoPE, dQ / dK are rotated back from float32
-        return {**{name: f"*{dt}" for name in ("Q", "K", "V", "O", "DO", "DV", "Y")}, **tables,
-                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*i8", "DQ": grads, "DK": grads, "X": grads}
-
-    def switches(head_dim: int, causal: bool, kpm: bool) -> dict:
-        return dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), CAUSAL=causal, HAS_KPM=kpm,
-                    DOT_FP32=False, PRECISION="ieee")
-
+    pointers, switches = _aot_pointers, _aot_switches
     return [
         _aot(_attn_fwd, pointers("fp32", False), ("qk_scale",),
              dict(switches(64, False, False), ROPE=False, BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),
@@ -672,3 +684,20 @@ def aot_variants() -> list[dict]:
              dict(switches(128, True, True), BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),
         _aot(_attn_bwd_preprocess, pointers("bf16", False), (), dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_D=128)),
     ]
+
+
+def aot_forward_variants(dtype: str, head_dim: int, *, rope: bool) -> list[dict]:
+    """An unmasked, non-causal inference forward as a GPU may launch it (``aot_variants``'s
+    format): ``_attn_fwd`` at every config of ``GPU_FORWARD_CONFIGS`` (the autotuner picks one
+    at run time), plus, with ``rope``, the k rotation ``apply_rope`` launches first.
+    ``dtype``: "fp32" | "bf16" | "fp16"."""
+    variants = [_aot(_attn_fwd, _aot_pointers(dtype, False), ("qk_scale",),
+                     dict(_aot_switches(head_dim, False, False), ROPE=rope, BLOCK_M=m, BLOCK_N=n),
+                     num_warps=w, num_stages=s)
+                for m, n, w, s in GPU_FORWARD_CONFIGS]
+    if rope:
+        block_d = padded_head_dim(head_dim)
+        variants.append(_aot(_rope_kernel, _aot_pointers(dtype, False), (),
+                             dict(HEAD_DIM=head_dim, BLOCK_N=_rope_block_n(block_d), BLOCK_D=block_d,
+                                  INVERSE=False)))
+    return variants

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import Vist3AInputError
 from . import latents as latent_ops
+from .attention import use_triton_attention
 from .loading import WanComponents, load_wan_components
 from .sampling import StepCallback, check_initial_latents, check_steps_and_guidance, denoise, initial_noise, \
     make_scheduler
@@ -26,6 +27,7 @@ class WanGenerator:
                  cache_size: int = 16) -> None:
         self.components = components
         self.transformer = components.transformer
+        self.attention = use_triton_attention(self.transformer)  # SDPA unless VIST3A_ATTENTION=triton on CUDA
         self.vae = components.vae
         self.text_encoder = TextEncoder(components.tokenizer, components.text_encoder,
                                         max_sequence_length=max_sequence_length, cache_size=cache_size)
