@@ -149,6 +149,10 @@ def _register_training_commands() -> None:
 
 _register_training_commands()
 
+from .cli_bench import bench_command  # noqa: E402 - light: the bench modules load when it runs
+
+cli.add_command(bench_command)
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
