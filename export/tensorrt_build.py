@@ -22,8 +22,9 @@ Per stage:
    timing cache is saved, then the plan and, last, its record are renamed into place.
 
 Which ONNX files form the bundle: ``manifest.json``'s ``"stages"`` when it names them (each
-entry a dict with an ``"onnx"`` path relative to the bundle), otherwise every exporter sidecar
-in ``bundle/onnx`` (one artifact per stage; several for one stage is an error).
+entry a dict with an ``"onnx"`` path relative to the bundle and the stage's ``"contract"``, or
+else the exporter's sidecar beside the file), otherwise every exporter sidecar in
+``bundle/onnx`` (one artifact per stage; several for one stage is an error).
 
 Steps 1 and 2 need only ``onnx``; step 3 needs ``tensorrt`` and a CUDA GPU.
 """
@@ -94,9 +95,9 @@ def bundle_stages(bundle_dir: str | Path) -> list[StageOnnx]:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise Vist3AInputError(f"bundle folder not found: {bundle_dir}")
-    listed = _manifest_onnx_files(bundle_dir)
+    listed = _manifest_stage_entries(bundle_dir)
     if listed is not None:
-        return [_stage_from_file(stage, path) for stage, path in listed.items()]
+        return [_stage_from_entry(bundle_dir, stage, entry) for stage, entry in listed.items()]
     by_stage: dict[str, list[OnnxArtifact]] = {}
     for sidecar in sorted((bundle_dir / "onnx").glob("*.json")):
         artifact = OnnxArtifact.load(sidecar)
@@ -111,7 +112,7 @@ def bundle_stages(bundle_dir: str | Path) -> list[StageOnnx]:
     return [StageOnnx(stage, a.path, a.contract) for stage, (a,) in sorted(by_stage.items())]
 
 
-def _manifest_onnx_files(bundle_dir: Path) -> dict[str, Path] | None:
+def _manifest_stage_entries(bundle_dir: Path) -> dict[str, Mapping] | None:
     manifest = bundle_dir / "manifest.json"
     if not manifest.is_file():
         return None
@@ -121,12 +122,16 @@ def _manifest_onnx_files(bundle_dir: Path) -> dict[str, Path] | None:
         raise Vist3AInputError(f"{manifest} is not a JSON object: {err}") from None
     if not isinstance(stages, Mapping) or not all(isinstance(v, Mapping) and "onnx" in v for v in stages.values()):
         return None
-    return {stage: bundle_dir / entry["onnx"] for stage, entry in stages.items()}
+    return dict(stages)
 
 
-def _stage_from_file(stage: str, path: Path) -> StageOnnx:
+def _stage_from_entry(bundle_dir: Path, stage: str, entry: Mapping) -> StageOnnx:
+    """A manifest entry: its ``"onnx"`` path, and its ``"contract"`` or else the exporter's sidecar."""
+    path = bundle_dir / entry["onnx"]
     if not path.is_file():
         raise Vist3AInputError(f"stage {stage!r}: ONNX file not found: {path}")
+    if "contract" in entry:
+        return StageOnnx(stage, path, ExportContract.from_dict(entry["contract"]))
     artifact = OnnxArtifact.load(path)
     if artifact.stage != stage:
         raise Vist3AInputError(f"{path.name} is an export of stage {artifact.stage!r}, listed as {stage!r}")

@@ -284,8 +284,14 @@ def test_bundle_stages_from_manifest_or_sidecars(bundle):
     (stage,) = bundle_stages(bundle)
     (bundle / "manifest.json").write_text(json.dumps({"stages": {"denoiser": {"onnx": f"onnx/{stage.onnx.name}"}}}))
     assert bundle_stages(bundle) == [stage]
+    entry = {"onnx": f"onnx/{stage.onnx.name}", "contract": stage.contract.to_dict()}  # the bundle manifest's form
+    (bundle / "manifest.json").write_text(json.dumps({"format": "vist3a-rt/bundle", "stages": {"denoiser": entry}}))
+    assert bundle_stages(bundle) == [stage]
     (bundle / "manifest.json").write_text(json.dumps({"stages": {"text_encoder": {"onnx": f"onnx/{stage.onnx.name}"}}}))
     with pytest.raises(Vist3AInputError, match="is an export of stage 'denoiser', listed as 'text_encoder'"):
+        bundle_stages(bundle)
+    (bundle / "manifest.json").write_text(json.dumps({"stages": {"denoiser": {"onnx": "onnx/gone.onnx"}}}))
+    with pytest.raises(Vist3AInputError, match="stage 'denoiser': ONNX file not found"):
         bundle_stages(bundle)
     (bundle / "manifest.json").unlink()
     sidecar = stage.onnx.with_suffix(".json")
