@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -387,8 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     workspace = None if args.workspace_gib is None else int(args.workspace_gib * 2**30)
-    for artifact in build_engines(args.bundle, args.precision, stages=args.stages.split(",") if args.stages else None,
-                                  workspace_bytes=workspace, force=args.force, echo=print):
+    stages = args.stages.split(",") if args.stages else None
+    try:
+        artifacts = build_engines(args.bundle, args.precision, stages=stages, workspace_bytes=workspace,
+                                  force=args.force, echo=print)
+    except Vist3AInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for artifact in artifacts:
         print(artifact.plan)
     return 0
 
