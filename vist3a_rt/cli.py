@@ -153,6 +153,10 @@ from .cli_bench import bench_command  # noqa: E402 - light: the bench modules lo
 
 cli.add_command(bench_command)
 
+from .cli_export import export_command  # noqa: E402 - light: the exporter loads on first use
+
+cli.add_command(export_command)
+
 
 def main(argv: list[str] | None = None) -> int:
     try:

@@ -55,10 +55,17 @@ class Vist3A:
              dtype: torch.dtype = torch.float32, use_lora: bool = True, **paths) -> "Vist3A":
         """Load from a model folder laid out as released (see ``ModelPaths``), optionally with
         explicit ``wan=``, ``lora=``, ``anysplat=``, ``stitched=``, ``config=`` paths; or
-        ``source=None`` with all explicit paths."""
+        ``source=None`` with all explicit paths. A bundle directory (``vist3a-rt export``) loads
+        through ``vist3a_rt.bundle`` (backends "onnxruntime", "torch"; "auto" picks onnxruntime)."""
+        from ..bundle.format import is_bundle
+
+        if source is not None and source not in EMBEDDED_MODELS and is_bundle(source):
+            from ..bundle import load_bundle
+
+            return load_bundle(source, backend=backend, device=device, dtype=dtype, **paths)
         if backend not in ("auto", "torch"):
-            raise Vist3AInputError(f"backend {backend!r} is not available yet (only 'torch'); "
-                                   "exported bundles and onnxruntime/tensorrt come with `vist3a-rt export`")
+            raise Vist3AInputError(f"backend {backend!r} needs an exported bundle (`vist3a-rt export --checkpoint "
+                                   f"{source} --out BUNDLE`, then load BUNDLE); a model folder runs on 'torch'")
         model_paths = _resolve_paths(source, paths)
         torch_device = _check_device(device)
         from ..generator import WanGenerator  # diffusers/transformers load lazily
