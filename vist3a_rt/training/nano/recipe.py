@@ -71,6 +71,8 @@ class RecipeSettings:
     reward_budget: Budget = field(default_factory=lambda: Budget(200))
     reward_batch: int = 1
     reward_lr: float = 1e-4
+    reward_views: int = 2  # rendered views per rollout
+    reward_render_size: int = 32  # their size in pixels (the classifier needs >= 16)
     # evaluation sizes inside the stages (the full report is ``vist3a-rt eval``)
     eval_clips_vae: int = 8
     eval_clips_recon: int = 8

@@ -31,7 +31,7 @@ from .workspace import TrainLoop
 
 CLASSIFIER_FOLDER, ADAPTER_FOLDER = "classifier", "lora"
 SYNONYMS = {word: shape for shape, words in SHAPE_WORDS.items() for word in words if word != shape}
-REWARD_RENDER_SIZE, REWARD_VIEWS = 48, 4
+REWARD_RENDER_SIZE = 48  # the classifier's smallest training size
 
 
 def attribute_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,9 +44,9 @@ def attribute_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return colours, shapes
 
 
-def render_size(clips) -> int:
-    """The reward's render size: ``REWARD_RENDER_SIZE``, or the video size when that is smaller."""
-    return min(REWARD_RENDER_SIZE, clips.video.height)
+def render_size(clips, wanted: int = REWARD_RENDER_SIZE) -> int:
+    """A render size of at most ``wanted``, and at most the video size."""
+    return min(wanted, clips.video.height)
 
 
 def classifier_batch(clips, indices: list[int], generator: torch.Generator, frames_per_clip: int = 6):
@@ -109,8 +109,11 @@ def classifier_accuracy(run, classifier, clips_count: int = 32) -> dict:
 
 def reward_settings(run) -> RewardSettings:
     s = run.settings
+    # views and size bound memory: the reference rasterizer's autograd graph grows with
+    # pixels x overlapping Gaussians (4 views at 48 px of a trained 91k-Gaussian scene: > 23 GB)
     return RewardSettings(lr=s.reward_lr, num_steps=(8, 20), flow_shift=run.nano.flow_shift,
-                          render_size=render_size(run.clips("train")), num_views=REWARD_VIEWS, seed=s.seed)
+                          render_size=render_size(run.clips("train"), s.reward_render_size),
+                          num_views=s.reward_views, gradient_checkpointing=True, seed=s.seed)
 
 
 def build_reward_trainer(run) -> RewardTrainer:
