@@ -440,11 +440,10 @@ def test_cli_tensorrt_backend_writes_the_bundle_then_explains(source, bundle, tm
         pytest.skip("tensorrt is installed: engine builds are tested with the TensorRT path")
 
 
-def test_embedded_nano_source(tmp_path):
-    from vist3a_rt.models import embedded_manifest
+def test_embedded_nano_source_when_not_installed(tmp_path, monkeypatch):
+    import vist3a_rt.models as models
 
-    if embedded_manifest("nano") is not None:
-        pytest.skip("the embedded model is installed; exporting it is exercised by the CLI docs, not here")
+    monkeypatch.setattr(models, "embedded_model_dir", lambda name="nano": tmp_path / "no-package" / name)
     with pytest.raises(CheckpointError, match="embedded model 'nano' is not installed"):
         export_bundle("nano", tmp_path / "nano_bundle")
-    assert _entries(tmp_path) == []
+    assert _entries(tmp_path) == []  # nothing written
