@@ -119,3 +119,20 @@ def test_install_embedded_and_load_nano(recipe, tmp_path, monkeypatch):
     install_embedded(folder / "assemble" / "model")  # replacing an installed one
     assert Vist3A.load("nano").generate("a green cone", num_steps=2).scene is not None
     assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["nano"]
+
+
+def test_stage_and_install_commands(recipe, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import vist3a_rt.models as models
+
+    folder, _ = recipe
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert main(["train", "recon", "--out", str(copy), "--budget", "3", "--redo"]) == 0
+    assert json.loads((copy / "recon" / "done.json").read_text())["steps"] == 3
+    assert '"steps": 3' in capsys.readouterr().out
+    monkeypatch.setattr(models, "embedded_model_dir", lambda name="nano": tmp_path / "pkg" / name)
+    assert main(["train", "install", str(tmp_path / "nowhere")]) == 2
+    assert main(["train", "install", str(folder / "assemble" / "model")]) == 0
+    assert (tmp_path / "pkg" / "nano" / "manifest.json").is_file()
