@@ -253,6 +253,42 @@ def test_step_accepts_novel_views_and_batches(world):
     assert trainer.global_step == 1
 
 
+def test_frame_subsets_keep_the_anchor_and_render_every_skips_renders(world, monkeypatch):
+    torch.manual_seed(0)
+    model = ReconstructionModel(small_config())
+    clip = world["clip"]
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda frames: seen.append(frames.clone()) or forward(frames))
+    trainer = ReconTrainer(model, ReconSettings(frames_per_step=(2, 2), render_every=2, views_per_step=1))
+    losses = [trainer.step(clip.frames, clip.depth, clip.camtoworld, clip.K) for _ in range(4)]
+    assert all(f.shape[2] == 2 and torch.equal(f[0, :, 0], clip.frames[:, 0]) for f in seen)  # frame 0 first
+    assert {tuple(f[0, 0, 1, 0, :3].tolist()) for f in seen} <= {tuple(clip.frames[0, i, 0, :3].tolist()) for i in (1, 2)}
+    assert ["rgb" in row for row in losses] == [True, False, True, False]
+    with pytest.raises(Vist3AInputError, match="frames_per_step"):
+        ReconSettings(frames_per_step=(1, 3))
+    with pytest.raises(Vist3AInputError, match="render_every"):
+        ReconSettings(render_every=0)
+
+
+def test_fov_straight_through_keeps_outputs_and_revives_dead_fovs(world):
+    torch.manual_seed(0)
+    model = ReconstructionModel(small_config())
+    head = model.encoder.camera_head
+    with torch.no_grad():  # push every field of view below zero: the plain ReLU has no gradient there
+        head.pose_branch.fc2.bias[7:] = -5.0
+    frames = world["clip"].frames[None]
+    grads = {}
+    for straight in (False, True):
+        head.fov_straight_through = straight
+        model.zero_grad()
+        output = model(frames)
+        assert torch.all(output.pose_encodings[-1][..., 7:] == 0)  # the forward value is the ReLU's either way
+        output.pose_encodings[-1][..., 7:].sub(0.8).abs().sum().backward()
+        grads[straight] = float(head.pose_branch.fc2.bias.grad[7:].abs().sum())
+    assert grads[False] == 0.0 and grads[True] > 0.0
+
+
 # ---------------------------------------------------------------------------- the nano network
 
 

@@ -10,6 +10,11 @@ through the ``trunk`` (transformer blocks attending across the frames of a seque
 
 Pose encoding, 9 numbers per frame: translation (3, linear), quaternion xyzw (4, linear),
 field of view (fov_h, fov_w; ReLU). Every iteration's activated estimate is returned.
+
+``fov_straight_through`` (training only, off by default): the ReLU's forward value with an
+identity gradient. A field of view whose pre-activation went negative otherwise gets no gradient
+ever again (seen in nano training: fov_w stuck at 0 for every frame but the first); the outputs
+are bit-identical either way, so a checkpoint trained with it runs unchanged everywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class CameraHead(nn.Module):
         self.poseLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim_in, 3 * dim_in))
         self.adaln_norm = nn.LayerNorm(dim_in, elementwise_affine=False, eps=adaln_eps)
         self.pose_branch = Mlp(dim_in, dim_in // 2, POSE_ENCODING_DIM)
+        self.fov_straight_through = False
 
     def forward(self, tokens: Tensor,  # [B, S, T, dim_in]: the last tapped aggregator layer
                 ) -> list[Tensor]:  # num_iterations x [B, S, 9], activated
@@ -55,7 +61,7 @@ class CameraHead(nn.Module):
             previous = self.empty_pose_tokens.expand(B, S, -1) if estimate is None else estimate.detach()
             delta = self._refine(pose_tokens, self.embed_pose(previous))
             estimate = delta if estimate is None else estimate + delta
-            estimates.append(activate_pose(estimate))
+            estimates.append(activate_pose(estimate, self.fov_straight_through and self.training))
         return estimates
 
     def _refine(self, pose_tokens: Tensor,  # [B, S, dim_in]
@@ -66,6 +72,12 @@ class CameraHead(nn.Module):
         return self.pose_branch(self.trunk_norm(self.trunk(modulated)))
 
 
-def activate_pose(pose_encoding: Tensor) -> Tensor:  # [..., 9] -> [..., 9]
-    """Translation and quaternion linear, field of view through ReLU."""
-    return torch.cat((pose_encoding[..., :7], F.relu(pose_encoding[..., 7:])), dim=-1)
+def activate_pose(pose_encoding: Tensor,  # [..., 9]
+                  straight_through: bool = False) -> Tensor:  # -> [..., 9]
+    """Translation and quaternion linear, field of view through ReLU (its gradient the identity's
+    when ``straight_through``)."""
+    fov = pose_encoding[..., 7:]
+    activated = F.relu(fov)
+    if straight_through:
+        activated = fov + (activated - fov).detach()
+    return torch.cat((pose_encoding[..., :7], activated), dim=-1)

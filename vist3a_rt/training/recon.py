@@ -403,6 +403,11 @@ class ReconSettings:
     views_per_step: int = 2  # input views rendered per clip and step (random subset)
     novel_views_per_step: int = 2  # novel views rendered per clip and step, when given
     raster: RasterConfig = field(default_factory=lambda: RasterConfig(tile_size=8))
+    # Random frame subsets (VGGT trains on varying frame counts): each step keeps frame 0 (the
+    # anchor) and min..max - 1 others in random order. None: every frame, in order.
+    frames_per_step: tuple[int, int] | None = None
+    render_every: int = 1  # the rendered terms only every N-th step (the others cost ~1/10)
+    fov_straight_through: bool = True  # see ``CameraHead.fov_straight_through``
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -416,6 +421,12 @@ class ReconSettings:
         if not 0 < self.render_scale <= 1 or self.views_per_step < 0 or self.novel_views_per_step < 0:
             raise Vist3AInputError(f"need 0 < render_scale <= 1 and view counts >= 0, got {self.render_scale}, "
                                    f"{self.views_per_step}, {self.novel_views_per_step}")
+        if self.frames_per_step is not None:
+            low, high = self.frames_per_step = tuple(self.frames_per_step)
+            if not 2 <= low <= high:
+                raise Vist3AInputError(f"frames_per_step must be (min, max) with 2 <= min <= max, got {self.frames_per_step}")
+        if self.render_every < 1:
+            raise Vist3AInputError(f"render_every must be >= 1, got {self.render_every}")
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -483,6 +494,7 @@ class ReconTrainer:
         self.generator = torch.Generator().manual_seed(self.settings.seed)
         self.background = torch.tensor(model.config.decoder_cfg.get("background_color", [1.0, 1.0, 1.0]))
         self.global_step = 0
+        model.encoder.camera_head.fov_straight_through = self.settings.fov_straight_through
 
     def step(self, frames: Tensor,  # [B, 3, T, H, W] in [-1, 1] (or one clip [3, T, H, W])
              depth: Tensor,  # [B, T, H, W]
@@ -494,13 +506,17 @@ class ReconTrainer:
         if frames.dim() == 4:  # a single clip
             frames, depth, camtoworld, K = frames[None], depth[None], camtoworld[None], K[None]
             novel = None if novel is None else Views(novel.frames[None], novel.camtoworld[None], novel.K[None])
+        frames, depth, camtoworld, K = self._frame_subset(frames, depth, camtoworld, K)
         # 1. ground truth in the network's frame
         targets = make_targets(frames, depth, camtoworld, K, self.settings.scale)
         novel_aligned = self._novel_targets(novel, targets)
         views = [self._pick(frames.shape[2], self.settings.views_per_step) for _ in range(frames.shape[0])]
         # 2. predict, 3. losses
         output = self.model(frames)
-        losses = recon_losses(output, targets, self.settings, self.background, views, novel_aligned)
+        settings = self.settings
+        if self.global_step % settings.render_every:  # a step without the rendered terms
+            settings = dataclasses.replace(settings, weights={**settings.weights, "rgb": 0.0, "rgb_self": 0.0, "ssim": 0.0})
+        losses = recon_losses(output, targets, settings, self.background, views, novel_aligned)
         # 4. update
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -509,6 +525,16 @@ class ReconTrainer:
         self.scheduler.step()
         self.global_step += 1
         return {name: float(value.detach()) for name, value in losses.items()}
+
+    def _frame_subset(self, frames: Tensor, depth: Tensor, camtoworld: Tensor, K: Tensor):
+        """Frame 0 and a random number of the others in random order (``frames_per_step``)."""
+        if self.settings.frames_per_step is None:
+            return frames, depth, camtoworld, K
+        low, high = self.settings.frames_per_step
+        T = frames.shape[2]
+        count = min(T, int(torch.randint(low, high + 1, (), generator=self.generator)))
+        index = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(T - 1, generator=self.generator)[:count - 1]])
+        return frames[:, :, index], depth[:, index], camtoworld[:, index], K[:, index]
 
     def _pick(self, count: int, wanted: int) -> Tensor:
         if wanted >= count:

@@ -50,8 +50,10 @@ def train_recon(run) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed + 4)
         model = ReconstructionModel(cfg)
-    settings = ReconSettings(lr=s.recon_lr, warmup_steps=s.recon_warmup, weights={"rgb_self": s.recon_rgb_self},
-                             seed=s.seed)
+    settings = ReconSettings(lr=s.recon_lr, warmup_steps=s.recon_warmup, seed=s.seed,
+                             weights={"rgb_self": s.recon_rgb_self, "camera": s.recon_camera_weight},
+                             frames_per_step=None if s.recon_frames is None else tuple(s.recon_frames),
+                             render_every=s.recon_render_every)
     trainer = ReconTrainer(model, settings)
     state = ws.load_state("recon")
     if state is not None:

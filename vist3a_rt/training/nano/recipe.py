@@ -61,6 +61,9 @@ class RecipeSettings:
     recon_lr: float = 4e-4
     recon_warmup: int = 100
     recon_rgb_self: float = 0.0
+    recon_camera_weight: float = 1.0
+    recon_frames: list | None = None  # [min, max] frames per step (frame 0 + random others); None: all
+    recon_render_every: int = 1  # the rendered loss terms every N-th step only
     # layer search / stitch
     layer_search_clips: int = 64
     stitch_budget: Budget = field(default_factory=lambda: Budget(2000))
