@@ -86,6 +86,31 @@ def test_a_second_run_skips_done_stages_and_redo_continues_training(recipe, tmp_
     assert all((copy / s / "done.json").exists() for s in ("vae", "latents", "denoiser", "classifier"))
 
 
+def test_a_new_folder_reuses_matching_stages_and_warm_starts_others(recipe, tmp_path, capsys):
+    import json
+
+    folder, records = recipe
+    new = tmp_path / "new"
+    settings = {**MICRO.to_dict(), "recon_render_every": 2, "recon_budget": {"steps": 3, "minutes": None}}
+    args = ["train", "nano", "--out", str(new), "--preset", "micro", "--reuse-from", str(folder),
+            "--warm-start", "recon", "--stages", "vae,latents,denoiser,recon,layer_search,classifier"]
+    for key, value in settings.items():
+        if key not in ("preset", "threads"):
+            args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
+    done = {s: json.loads((new / s / "done.json").read_text()) for s in ("vae", "denoiser", "recon", "layer_search")}
+    for stage in ("vae", "latents", "denoiser", "classifier"):  # same settings, same inputs: copied, not re-run
+        record = json.loads((new / stage / "done.json").read_text())
+        assert record["reused_from"] == str(folder.resolve()) and record["finished"] == records[stage]["finished"]
+    assert "reused_from" not in done["recon"]  # its settings changed: trained on from the source's state
+    assert done["recon"]["steps"] == 3 and done["recon"]["warm_start"].endswith("recon/state.pt")
+    assert "reused_from" not in done["layer_search"]  # it needs the new recon
+    assert json.loads((new / "recipe.json").read_text())["settings"]["recon_render_every"] == 2
+    assert main(["train", "nano", "--out", str(tmp_path / "x"), "--warm-start", "recon"]) == 2
+    assert main(["train", "nano", "--out", str(tmp_path / "y"), "--set", "recon_frames"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 def test_settings_and_stage_errors(recipe, tmp_path):
     folder, _ = recipe
     with pytest.raises(Vist3AInputError, match="shape the result"):

@@ -131,7 +131,13 @@ def _read_videos(path: Path):
 @click.option("--threads", type=int, default=None, help="torch threads for this process (default: the recipe's, 1).")
 @click.option("--seed", type=int, default=None, help="Seed of a new recipe folder (default 0).")
 @click.option("--preset", type=click.Choice(["nano", "micro"]), default=None, help="Model sizes of a new folder.")
-def nano_command(work_dir, stages, redo, budgets, threads, seed, preset) -> None:
+@click.option("--set", "settings", multiple=True, metavar="KEY=JSON",
+              help="A recipe setting of a new folder (e.g. recon_render_every=2, recon_frames=[2,6]).")
+@click.option("--reuse-from", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Another recipe folder: copy its finished stages whose settings (and inputs) match.")
+@click.option("--warm-start", default=None,
+              help="Comma-separated stages whose training state is copied from --reuse-from and trained on.")
+def nano_command(work_dir, stages, redo, budgets, threads, seed, preset, settings, reuse_from, warm_start) -> None:
     """The VIST3A-nano recipe end to end, resumable per stage."""
     from .nano.recipe import run_recipe
     from .nano.workspace import Budget
@@ -147,10 +153,25 @@ def nano_command(work_dir, stages, redo, budgets, threads, seed, preset) -> None
     for name, value in (("threads", threads), ("seed", seed), ("preset", preset)):
         if value is not None:
             overrides[name] = value
-    records = run_recipe(work_dir, stages=stages, overrides=overrides, redo=redo.split(",") if redo else None)
+    overrides.update(_parse_settings(settings))
+    records = run_recipe(work_dir, stages=stages, overrides=overrides, redo=redo.split(",") if redo else None,
+                         reuse_from=reuse_from, warm_start=warm_start.split(",") if warm_start else None)
     for stage, record in records.items():
         shown = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and k not in ("commit", "host")}
         click.echo(f"{stage}: {json.dumps(shown)}")
+
+
+def _parse_settings(items) -> dict:
+    parsed = {}
+    for text in items:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise Vist3AInputError(f"--set must look like KEY=VALUE, got {text!r}")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = value  # a bare string
+    return parsed
 
 
 def _stage_command(stage: str):

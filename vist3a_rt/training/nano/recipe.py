@@ -27,6 +27,8 @@ from ...errors import Vist3AInputError
 from ..nano_models import NanoConfig
 from ..world import WorldConfig
 from .data import WorldClips
+from .reuse import reuse_stages, warm_start_origin
+from .reuse import warm_start as copy_warm_states
 from .workspace import Budget, Workspace, write_json
 
 STAGES = ("vae", "latents", "denoiser", "recon", "layer_search", "stitch", "classifier", "reward", "assemble")
@@ -175,9 +177,19 @@ def _budgetless(settings: RecipeSettings) -> dict:
 
 
 def run_recipe(work_dir: str | Path, settings: RecipeSettings | None = None, stages=None, *,
-               overrides: dict | None = None, redo: list[str] | None = None) -> dict:
-    """Run ``stages`` (default all) in order; returns {stage: done record}."""
+               overrides: dict | None = None, redo: list[str] | None = None,
+               reuse_from: str | Path | None = None, warm_start: list[str] | None = None) -> dict:
+    """Run ``stages`` (default all) in order; returns {stage: done record}.
+
+    ``reuse_from``: another recipe folder whose finished stages are copied where they match
+    (``reuse.reuse_stages``); ``warm_start``: stages whose training state is copied from it.
+    """
     ws, settings = open_workspace(work_dir, settings, overrides)
+    if warm_start and reuse_from is None:
+        raise Vist3AInputError("warm_start needs reuse_from (the folder to take the states from)")
+    if reuse_from is not None:
+        reuse_stages(ws, settings.to_dict(), reuse_from, REQUIRES)
+        copy_warm_states(ws, reuse_from, resolve_stages(warm_start) if warm_start else [])
     if redo:
         ws.reopen(resolve_stages(redo), REQUIRES)
     torch.set_num_threads(settings.threads)
@@ -195,6 +207,8 @@ def run_recipe(work_dir: str | Path, settings: RecipeSettings | None = None, sta
         record.update(stage=stage, wall_s=round(time.time() - started, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                       settings={k: v for k, v in settings.to_dict().items()}, host=platform.node(),
                       torch=torch.__version__, commit=git_commit(), command=_command_line())
+        if warm_start_origin(ws, stage):
+            record["warm_start"] = warm_start_origin(ws, stage)
         ws.mark_done(stage, record)
         records[stage] = record
     return records
