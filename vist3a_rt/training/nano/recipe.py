@@ -27,7 +27,7 @@ from ...errors import Vist3AInputError
 from ..nano_models import NanoConfig
 from ..world import WorldConfig
 from .data import WorldClips
-from .reuse import reuse_stages, warm_start_origin
+from .reuse import read_recorded_settings, reuse_stages, warm_start_origin
 from .reuse import warm_start as copy_warm_states
 from .workspace import Budget, Workspace, write_json
 
@@ -182,8 +182,11 @@ def run_recipe(work_dir: str | Path, settings: RecipeSettings | None = None, sta
     """Run ``stages`` (default all) in order; returns {stage: done record}.
 
     ``reuse_from``: another recipe folder whose finished stages are copied where they match
-    (``reuse.reuse_stages``); ``warm_start``: stages whose training state is copied from it.
+    (``reuse.reuse_stages``); a new folder then starts from its settings (``overrides`` change
+    them); ``warm_start``: stages whose training state is copied from it.
     """
+    if reuse_from is not None and settings is None and not (Path(work_dir) / "recipe.json").is_file():
+        settings = RecipeSettings.from_dict(read_recorded_settings(Path(reuse_from)))
     ws, settings = open_workspace(work_dir, settings, overrides)
     if warm_start and reuse_from is None:
         raise Vist3AInputError("warm_start needs reuse_from (the folder to take the states from)")
