@@ -91,19 +91,25 @@ def info() -> None:
 @click.option("--sampler", type=click.Choice(["unipc", "euler"]), default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--backend", default="auto", show_default=True)
+@click.option("--wan-impl", type=click.Choice(["native", "diffusers"]), default=None,
+              help="Classes that run the Wan video half of a model folder: the runtime's own (native) or "
+                   "diffusers/transformers (the reference). Default: $VIST3A_WAN_IMPL, else native.")
 @click.option("--no-preview", is_flag=True, help="Skip the preview video.")
 @click.option("--preview-frames", type=int, default=None, help="Frames of the preview orbit video.")
 @click.option("--preview-size", type=int, default=None, help="Longer side of the preview video in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames, height, width,
-             negative_prompt, sampler, device, backend, no_preview, preview_frames, preview_size, overwrite) -> None:
+             negative_prompt, sampler, device, backend, wan_impl, no_preview, preview_frames, preview_size,
+             overwrite) -> None:
     """Generate a 3D Gaussian scene from PROMPT (or from each line of --prompts)."""
     from .pipeline import Vist3A
     from .pipeline.batch import plan_jobs
     from .pipeline.result import DEFAULT_PREVIEW_FRAMES, DEFAULT_PREVIEW_SIZE
 
     jobs = plan_jobs(prompt, prompts_file, out_dir, seed)
-    rt = Vist3A.load(model, backend=backend, device=device)
+    from .generator.loading import resolve_impl
+
+    rt = Vist3A.load(model, backend=backend, device=device, wan_impl=resolve_impl(wan_impl, default="native"))
     settings = dict(num_steps=steps, guidance_scale=guidance, num_frames=frames, height=height, width=width,
                     negative_prompt=negative_prompt, sampler=sampler)
     for job in jobs:

@@ -5,7 +5,19 @@ The folder is what ``WanPipeline.save_pretrained`` writes (the released
 
     model_index.json  transformer/  vae/  text_encoder/  tokenizer/  scheduler/
 
-Every piece is loaded with its own diffusers / transformers class and
+Two implementations read it (``impl``):
+
+* ``"native"`` — the runtime's own plain-torch modules (``generator.native``): the same
+  config.json and state-dict keys, built on the meta device and given the memory-mapped weights;
+  the tokenizer through the ``tokenizers`` library (``bundle.text.BundleTokenizer``). Imports
+  neither diffusers, transformers nor peft, whose imports alone cost seconds of a cold start:
+  ``vist3a-rt generate`` runs it by default. Inference only: no VAE encoder, no PEFT injection.
+* ``"diffusers"`` — the libraries' classes, the reference the native modules are tested against,
+  and what training, evaluation and export build on (PEFT adapters on the transformer, the VAE
+  encoder, the library config classes in bundle manifests); so it stays ``Vist3A.load``'s
+  default. The rest of this docstring describes it.
+
+With ``"diffusers"`` every piece is loaded with its own diffusers / transformers class and
 ``local_files_only=True``; nothing is ever fetched. In addition, before diffusers, transformers
 or peft is first imported, ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set unless the
 user already set them (``os.environ.setdefault``: an explicit user value wins), so a stray hub
@@ -18,7 +30,9 @@ The reward-aligned LoRA is a PEFT adapter folder (``adapter_config.json`` +
 ``adapter_model.safetensors``). It is checked against the transformer's module names first (a
 LoRA made for another architecture is a ``CheckpointError`` naming the targets that do not
 exist), then loaded with ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``:
-the generator runs plain linear layers and the LoRA costs nothing at inference.
+the generator runs plain linear layers and the LoRA costs nothing at inference. The native path
+merges the same adapter into the state dict before it is assigned (``merge_lora_state``: W + s·B·A
+with PEFT's scaling and dtype rules), after the same checks.
 """
 
 from __future__ import annotations
@@ -43,6 +57,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 _LORA_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+IMPLEMENTATIONS = ("native", "diffusers")
+IMPL_ENV_VARIABLE = "VIST3A_WAN_IMPL"  # overrides the default implementation of Vist3A.load and the CLI
 
 
 @dataclass
@@ -54,6 +70,16 @@ class WanComponents:
     transformer: "WanTransformer3DModel"
     vae: "AutoencoderKLWan"
     scheduler_config: dict[str, Any]  # scheduler/scheduler_config.json as read
+    impl: str = "diffusers"  # which classes these are: "native" (generator.native) or "diffusers"
+
+
+def resolve_impl(impl: str | None, default: str = "diffusers") -> str:
+    """``impl``, else the ``VIST3A_WAN_IMPL`` environment variable, else ``default``; checked."""
+    impl = impl or os.environ.get(IMPL_ENV_VARIABLE) or default
+    if impl not in IMPLEMENTATIONS:
+        raise Vist3AInputError(f"unknown Wan implementation {impl!r} (from the argument or {IMPL_ENV_VARIABLE}); "
+                               f"choose one of {list(IMPLEMENTATIONS)}")
+    return impl
 
 
 def set_offline_defaults() -> None:
@@ -64,13 +90,18 @@ def set_offline_defaults() -> None:
 
 def load_wan_components(wan_dir: str | Path, lora_dir: str | Path | None = None, *,
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> WanComponents:
+                        device: str | torch.device = "cpu", impl: str = "diffusers") -> WanComponents:
     """Tokenizer, text encoder (``dtype``), transformer (``dtype``, LoRA merged) and VAE
-    (``vae_dtype``; float32 by default, as diffusers recommends for Wan) from ``wan_dir``."""
+    (``vae_dtype``; float32 by default, as diffusers recommends for Wan) from ``wan_dir``, as
+    ``impl`` classes (see the module docstring)."""
+    if impl not in IMPLEMENTATIONS:
+        raise Vist3AInputError(f"unknown Wan implementation {impl!r}; choose one of {list(IMPLEMENTATIONS)}")
     device = torch.device(device)
     check_dtype(dtype, device)
     check_dtype(vae_dtype, device)
     wan_dir = check_wan_folder(wan_dir)
+    if impl == "native":
+        return _load_native_components(wan_dir, lora_dir, dtype=dtype, vae_dtype=vae_dtype, device=device)
     set_offline_defaults()
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -95,6 +126,29 @@ def load_wan_components(wan_dir: str | Path, lora_dir: str | Path | None = None,
     for module in (text_encoder, transformer, vae):
         module.to(device).eval().requires_grad_(False)
     return WanComponents(tokenizer, text_encoder, transformer, vae, scheduler_config)
+
+
+def _load_native_components(wan_dir: Path, lora_dir: str | Path | None, *, dtype: torch.dtype,
+                            vae_dtype: torch.dtype, device: torch.device) -> WanComponents:
+    from ..bundle.text import BundleTokenizer
+    from .native.loading import load_text_encoder, load_transformer, load_vae
+
+    if not (wan_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise CheckpointError(f"Wan model folder {wan_dir}: tokenizer/ has no tokenizer.json, which the native "
+                              "implementation reads (a spiece.model-only tokenizer needs impl='diffusers')")
+    tokenizer = BundleTokenizer(wan_dir / "tokenizer")
+    text_encoder = load_text_encoder(wan_dir / "text_encoder", dtype=dtype, device=device)
+    merge = None
+    if lora_dir is not None:
+        lora_dir = Path(lora_dir)
+        read_adapter_config(lora_dir)  # a missing or foreign adapter fails before the weights are read
+
+        def merge(state, transformer):
+            return merge_lora_state(state, transformer, lora_dir)
+    transformer = load_transformer(wan_dir / "transformer", dtype=dtype, device=device, transform=merge)
+    vae = load_vae(wan_dir / "vae", dtype=vae_dtype, device=device)
+    scheduler_config = _read_json(wan_dir / "scheduler" / "scheduler_config.json")
+    return WanComponents(tokenizer, text_encoder, transformer, vae, scheduler_config, impl="native")
 
 
 @contextlib.contextmanager
@@ -173,6 +227,52 @@ def merge_lora(transformer: "WanTransformer3DModel", lora_dir: str | Path) -> "W
     except (ValueError, RuntimeError, KeyError) as err:  # shape mismatches, bad config fields
         raise CheckpointError(f"LoRA adapter {lora_dir} does not fit the Wan transformer: {err}") from None
     return peft_model.merge_and_unload(safe_merge=True)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], transformer: torch.nn.Module,
+                     lora_dir: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` (the transformer's, already in its load dtype) with the PEFT adapter of
+    ``lora_dir`` merged: ``W + s·(B·A)``, ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA),
+    the product in float32 and rounded to W's dtype before the sum, as PEFT merges on the CPU.
+    ``transformer`` (which may live on the meta device) names the layers the adapter must fit."""
+    lora_dir = Path(lora_dir)
+    config = read_adapter_config(lora_dir)
+    _refuse_unsupported_lora(config, lora_dir)
+    names = adapter_module_names(lora_dir)
+    check_lora_matches(transformer, config, names)
+    from ..bundle.weights import load_state
+
+    factors = load_state(lora_dir / "adapter_model.safetensors")
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    merged = dict(state)
+    for name in sorted(names):
+        down = factors[f"{_LORA_PREFIX}{name}.lora_A.weight"].float()  # [r, in]
+        up = factors[f"{_LORA_PREFIX}{name}.lora_B.weight"].float()  # [out, r]
+        weight = state[f"{name}.weight"]  # [out, in]
+        delta = up @ down * scaling
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+        if tuple(delta.shape) != tuple(weight.shape) or down.shape[0] != rank:
+            raise CheckpointError(f"LoRA adapter {lora_dir}: {name} has A {list(down.shape)}, B {list(up.shape)} "
+                                  f"(rank {rank} in adapter_config.json), which do not fit the weight "
+                                  f"{list(weight.shape)}")
+        if not torch.isfinite(delta).all():
+            raise CheckpointError(f"LoRA adapter {lora_dir}: the update of {name} is not finite")
+        merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
+    return merged
+
+
+_LORA_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
+                     "layer_replication": None, "target_parameters": None}
+
+
+def _refuse_unsupported_lora(config: dict, lora_dir: Path) -> None:
+    """Adapter options whose merge is not ``W + s·B·A`` per targeted linear layer."""
+    set_options = sorted(k for k, default in _LORA_UNSUPPORTED.items() if config.get(k) not in (None, default))
+    if set_options:
+        raise CheckpointError(f"LoRA adapter {lora_dir} sets {set_options}, which the native Wan implementation does "
+                              "not merge (load it with impl='diffusers')")
 
 
 def read_adapter_config(lora_dir: Path) -> dict:

@@ -13,6 +13,9 @@ Samplers:
   defaults (bh2, order 2, predict_x0, lower_order_final, final sigma zero).
 * ``"euler"`` — ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)``, same rule for the rest.
 
+The native generator steps the plain-torch flow samplers of ``vist3a_rt.bundle.samplers`` instead
+(``denoise_flow``: the same loop, no diffusers); they compute diffusers' schedules and updates.
+
 Guidance: ``guided = uncond + g·(cond − uncond)``. As in diffusers, ``g ≤ 1`` disables guidance:
 the unconditional pass is skipped and the conditional prediction is used as is (so ``g`` in
 ``[0, 1]`` all mean "no guidance", not an interpolation). A negative ``g`` is an input error.
@@ -139,6 +142,22 @@ def denoise(transformer: "WanTransformer3DModel", scheduler, latents: torch.Tens
         velocity = predict_velocity(transformer, latents, t, context)
         velocity = apply_guidance(velocity, batch, guidance_scale)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if callback is not None:
+            callback(i, t, latents)
+    return latents
+
+
+@torch.no_grad()
+def denoise_flow(transformer, sampler, latents: torch.Tensor,  # [B, C, T, h, w] float32
+                 prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *, guidance_scale: float,
+                 callback: StepCallback | None = None) -> torch.Tensor:
+    """``denoise`` on a plain-torch flow sampler (``bundle.samplers.make_sampler``: its own
+    timesteps, ``step(velocity, latents)``), so the loop needs no diffusers scheduler."""
+    batch = latents.shape[0]
+    context = guidance_context(prompt_embeds, negative_embeds, guidance_scale).to(latents.device, transformer.dtype)
+    for i, t in enumerate(sampler.timesteps):
+        velocity = predict_velocity(transformer, latents, t.to(latents.device), context)
+        latents = sampler.step(apply_guidance(velocity, batch, guidance_scale), latents)
         if callback is not None:
             callback(i, t, latents)
     return latents

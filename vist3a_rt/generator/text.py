@@ -7,6 +7,11 @@ with the attention mask, keep the last hidden state, and set every position at o
 token count to exactly zero. The zero rows are still attended to by the transformer's
 cross-attention (Wan has no cross-attention mask), so they must be zeros, not garbage.
 
+The native generator (``impl="native"``) runs the same steps without diffusers or transformers:
+``bundle.text.clean_prompt`` (the same cleaning, written out) and ``bundle.text.BundleTokenizer``
+(``tokenizer.json`` through the ``tokenizers`` library, padded and truncated the same way);
+``tokenize`` and ``TextEncoder`` take either tokenizer.
+
 A prompt longer than ``max_sequence_length`` tokens is truncated (diffusers does this silently);
 we do the same but warn, naming the token count, because the end of the prompt is lost.
 
@@ -20,11 +25,12 @@ from __future__ import annotations
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..bundle.text import BundleTokenizer
 from ..errors import Vist3AInputError
 
 if TYPE_CHECKING:
@@ -58,6 +64,8 @@ def clean_prompt(text: str) -> str:
 def tokenize(tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
              max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both int64 [B, max_sequence_length], eos appended, padded right."""
+    if isinstance(tokenizer, BundleTokenizer):  # tokenizers-only: same ids, same truncation warning
+        return tokenizer.encode(prompts, max_sequence_length)
     _warn_if_truncated(tokenizer, prompts, max_sequence_length)
     tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
@@ -92,9 +100,11 @@ class TextEncoder:
     """
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase", text_encoder: "UMT5EncoderModel", *,
-                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, cache_size: int = 16) -> None:
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, cache_size: int = 16,
+                 clean: Callable[[str], str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.clean = clean or clean_prompt  # diffusers' prompt_clean unless given (the native path's own)
         self.max_sequence_length = max_sequence_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -112,7 +122,7 @@ class TextEncoder:
         if prompt in self._cache:
             self._cache.move_to_end(prompt)
             return self._cache[prompt]
-        ids, mask = tokenize(self.tokenizer, [clean_prompt(prompt)], self.max_sequence_length)
+        ids, mask = tokenize(self.tokenizer, [self.clean(prompt)], self.max_sequence_length)
         embedding = encode_tokens(self.text_encoder, ids, mask)[0]
         if self.cache_size > 0:
             self._cache[prompt] = embedding

@@ -3,6 +3,11 @@
 The video half of VIST3A, exactly as the official inference runs it through diffusers, minus the
 pipeline object: the stages are separate methods so the caller can time them, cache the
 negative prompt, and hand the de-normalised latents to the stitched decoder.
+
+``impl="native"`` runs the runtime's own modules (``generator.native``), the ``tokenizers``
+tokenizer and the plain-torch flow samplers of ``bundle.samplers``: no diffusers, transformers
+or peft is imported; inference only. ``impl="diffusers"`` (the default; training, evaluation and
+export build on it) runs the library classes and schedulers. ``vist3a-rt generate`` picks native.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import torch
 
 from ..errors import Vist3AInputError
 from . import latents as latent_ops
-from .attention import use_triton_attention
+from .attention import AttentionChoice, use_triton_attention
 from .loading import WanComponents, load_wan_components
-from .sampling import StepCallback, check_initial_latents, check_steps_and_guidance, denoise, initial_noise, \
-    make_scheduler
+from .sampling import StepCallback, check_initial_latents, check_steps_and_guidance, denoise, denoise_flow, \
+    initial_noise, make_scheduler
 from .text import MAX_SEQUENCE_LENGTH, TextEncoder
 
 
@@ -26,18 +31,27 @@ class WanGenerator:
     def __init__(self, components: WanComponents, *, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                  cache_size: int = 16) -> None:
         self.components = components
+        self.impl = components.impl
         self.transformer = components.transformer
-        self.attention = use_triton_attention(self.transformer)  # SDPA unless VIST3A_ATTENTION=triton on CUDA
         self.vae = components.vae
+        clean = None
+        if self.impl == "native":
+            from ..bundle.text import clean_prompt as clean
+
+            self.attention = AttentionChoice("sdpa", "the native Wan transformer runs torch SDPA")
+        else:
+            self.attention = use_triton_attention(self.transformer)  # SDPA unless VIST3A_ATTENTION=triton on CUDA
         self.text_encoder = TextEncoder(components.tokenizer, components.text_encoder,
-                                        max_sequence_length=max_sequence_length, cache_size=cache_size)
+                                        max_sequence_length=max_sequence_length, cache_size=cache_size, clean=clean)
 
     @classmethod
     def from_folder(cls, wan_dir: str | Path, lora_dir: str | Path | None = None, *,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    vae_dtype: torch.dtype = torch.float32) -> "WanGenerator":
-        """Load a diffusers-layout Wan folder offline, merging the PEFT LoRA in ``lora_dir`` if given."""
-        return cls(load_wan_components(wan_dir, lora_dir, dtype=dtype, vae_dtype=vae_dtype, device=device))
+                    vae_dtype: torch.dtype = torch.float32, impl: str = "diffusers") -> "WanGenerator":
+        """Load a diffusers-layout Wan folder offline, merging the PEFT LoRA in ``lora_dir`` if given,
+        as ``impl`` ("native" or "diffusers") classes."""
+        return cls(load_wan_components(wan_dir, lora_dir, dtype=dtype, vae_dtype=vae_dtype, device=device,
+                                       impl=impl))
 
     @property
     def device(self) -> torch.device:
@@ -70,12 +84,18 @@ class WanGenerator:
         if negative_embeds is not None:
             self._check_embeddings(negative_embeds, "negative_embeds")
         shape = self.latent_shape(prompt_embeds.shape[0], num_frames, height, width)
-        scheduler = make_scheduler(sampler, flow_shift, self.components.scheduler_config)
         if latents is None:
             latents = initial_noise(shape, seed, self.device)
         else:
             check_initial_latents(latents, shape)
             latents = latents.to(self.device, torch.float32)
+        if self.impl == "native":  # the plain-torch samplers: no diffusers scheduler
+            from ..bundle.samplers import make_sampler
+
+            flow_sampler = make_sampler(sampler, num_steps, flow_shift, self.components.scheduler_config)
+            return denoise_flow(self.transformer, flow_sampler, latents, prompt_embeds, negative_embeds,
+                                guidance_scale=guidance_scale, callback=callback)
+        scheduler = make_scheduler(sampler, flow_shift, self.components.scheduler_config)
         return denoise(self.transformer, scheduler, latents, prompt_embeds, negative_embeds,
                        num_steps=num_steps, guidance_scale=guidance_scale, callback=callback)
 

@@ -52,11 +52,18 @@ class Vist3A:
 
     @classmethod
     def load(cls, source: str | Path = "nano", *, backend: str = "auto", device: str = "cpu",
-             dtype: torch.dtype = torch.float32, use_lora: bool = True, **paths) -> "Vist3A":
+             dtype: torch.dtype = torch.float32, use_lora: bool = True, wan_impl: str | None = None,
+             **paths) -> "Vist3A":
         """Load from a model folder laid out as released (see ``ModelPaths``), optionally with
         explicit ``wan=``, ``lora=``, ``anysplat=``, ``stitched=``, ``config=`` paths; or
         ``source=None`` with all explicit paths. A bundle directory (``vist3a-rt export``) loads
-        through ``vist3a_rt.bundle`` (backends "onnxruntime", "torch"; "auto" picks onnxruntime)."""
+        through ``vist3a_rt.bundle`` (backends "onnxruntime", "torch"; "auto" picks onnxruntime).
+
+        ``wan_impl``: which classes run the Wan video half of a model folder: "native" (the
+        runtime's own torch modules; no diffusers/transformers/peft import: the fast cold start,
+        inference only) or "diffusers" (the library classes: the reference, and what training,
+        evaluation and export build on). Default: the ``VIST3A_WAN_IMPL`` environment variable,
+        else "diffusers" (``vist3a-rt generate`` defaults to "native")."""
         from ..bundle.format import is_bundle
 
         if source is not None and source not in EMBEDDED_MODELS and is_bundle(source):
@@ -66,14 +73,17 @@ class Vist3A:
         if backend not in ("auto", "torch"):
             raise Vist3AInputError(f"backend {backend!r} needs an exported bundle (`vist3a-rt export --checkpoint "
                                    f"{source} --out BUNDLE`, then load BUNDLE); a model folder runs on 'torch'")
+        from ..generator.loading import resolve_impl
+
+        wan_impl = resolve_impl(wan_impl)
         model_paths = _resolve_paths(source, paths)
         torch_device = _check_device(device)
-        from ..generator import WanGenerator  # diffusers/transformers load lazily
+        from ..generator import WanGenerator  # diffusers/transformers load lazily, and only for impl="diffusers"
 
         timings: dict[str, float] = {}
         with _timed(timings, "load_generator"):
             generator = WanGenerator.from_folder(model_paths.wan, model_paths.lora if use_lora else None,
-                                                 dtype=dtype, device=torch_device)
+                                                 dtype=dtype, device=torch_device, impl=wan_impl)
         with _timed(timings, "load_decoder"):
             config = resolve_config(model_paths.config, model_paths.anysplat)
             decoder = load_stitched_decoder(config, model_paths.anysplat, model_paths.stitched,
