@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from vist3a_rt.errors import CheckpointError
+from vist3a_rt.errors import CheckpointError, Vist3AInputError
 from vist3a_rt.generator.native.loading import load_text_encoder, load_transformer
 from vist3a_rt.generator.native.transformer import WanTransformerConfig
 from vist3a_rt.generator.native.umt5 import UMT5Config
@@ -114,6 +114,16 @@ def test_transformer_matches_diffusers_fp32(transformer_dir):
     expected, actual = run(reference, inputs), run(native, inputs)
     assert relative_error(actual, expected) <= 1e-5
     assert native(**inputs).sample.shape == expected.shape  # diffusers' return_dict form
+
+
+def test_text_context_computed_once_gives_the_same_prediction(transformer_dir):
+    native = load_transformer(transformer_dir)
+    inputs = transformer_inputs(native.config)
+    with torch.no_grad():
+        cached = native.text_context(inputs["encoder_hidden_states"])
+        assert torch.equal(native(**inputs).sample, native(**{**inputs, "encoder_hidden_states": cached}).sample)
+    with pytest.raises(Vist3AInputError, match="text batch 2 does not match hidden_states batch 1"):
+        native(inputs["hidden_states"][:1], inputs["timestep"][:1], cached)
 
 
 def test_transformer_bf16_within_twice_diffusers_error(transformer_dir):

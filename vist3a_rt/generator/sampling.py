@@ -151,12 +151,16 @@ def denoise(transformer: "WanTransformer3DModel", scheduler, latents: torch.Tens
 def denoise_flow(transformer, sampler, latents: torch.Tensor,  # [B, C, T, h, w] float32
                  prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *, guidance_scale: float,
                  callback: StepCallback | None = None) -> torch.Tensor:
-    """``denoise`` on a plain-torch flow sampler (``bundle.samplers.make_sampler``: its own
-    timesteps, ``step(velocity, latents)``), so the loop needs no diffusers scheduler."""
+    """``denoise`` for the native transformer on a plain-torch flow sampler
+    (``bundle.samplers.make_sampler``: its own timesteps, ``step(velocity, latents)``): no diffusers
+    scheduler, and the text's keys and values (``text_context``) computed once, not every step."""
     batch = latents.shape[0]
     context = guidance_context(prompt_embeds, negative_embeds, guidance_scale).to(latents.device, transformer.dtype)
+    copies = context.shape[0] // batch
+    text = transformer.text_context(context)
     for i, t in enumerate(sampler.timesteps):
-        velocity = predict_velocity(transformer, latents, t.to(latents.device), context)
+        hidden = latents.to(transformer.dtype).repeat(copies, 1, 1, 1, 1)
+        velocity = transformer(hidden, t.to(latents.device).expand(hidden.shape[0]), text, return_dict=False)[0]
         latents = sampler.step(apply_guidance(velocity, batch, guidance_scale), latents)
         if callback is not None:
             callback(i, t, latents)

@@ -9,7 +9,9 @@ The forward, for latents [B, C, T, H, W], a timestep per sample and text embeddi
 
 1. patchify: a Conv3d with kernel = stride = ``patch_size`` → tokens [B, N, D], N = T'·H'·W';
 2. condition: sinusoidal timestep features (cos first) → MLP ``temb`` [B, D] (kept in float32
-   weights, like diffusers) → ``time_proj`` → six modulation vectors per block; text → MLP [B, L, D];
+   weights, like diffusers) → ``time_proj`` → six modulation vectors per block; text → MLP [B, L, D]
+   → each block's cross-attention keys and values (``text_context``: a sampler computes them once
+   per prompt and reuses them at every step — same numbers, a fraction of the step's work);
 3. blocks: AdaLN-modulated self-attention with RMS qk-norm over all heads and Wan's 3D RoPE,
    cross-attention to the text (no mask: the padded text rows are zeros), a tanh-GELU FFN, each
    residual gated;
@@ -102,6 +104,25 @@ class TransformerOutput(NamedTuple):
     sample: Tensor  # [B, C, T, H, W]
 
 
+class TextContext(NamedTuple):
+    """The text's cross-attention keys and values of every block, each [B, heads, L, head_dim].
+
+    They depend on the text alone, so a sampler computes them once (``WanTransformer.text_context``)
+    and passes them as ``encoder_hidden_states`` at every step: the same numbers as recomputing
+    them, without the text projections that dominate a small model's step (512 text tokens)."""
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+
 # --- positions and conditioning ---------------------------------------------------------------------
 
 
@@ -158,6 +179,8 @@ class MLP(nn.Module):
 
 
 class ConditionEmbedder(nn.Module):
+    """Timestep → (temb, per-block modulation); text → tokens of the model's width (``text_embedder``)."""
+
     def __init__(self, config: WanTransformerConfig) -> None:
         super().__init__()
         dim = config.inner_dim
@@ -167,12 +190,11 @@ class ConditionEmbedder(nn.Module):
         self.text_embedder = MLP(config.text_dim, dim, nn.GELU(approximate="tanh"))
 
     def forward(self, timestep: Tensor,  # [B]
-                text: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # [B, L, D_txt]
-        """(temb [B, D], block modulation [B, 6, D], text tokens [B, L, D])."""
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # the projected text's dtype
+        """(temb [B, D], block modulation [B, 6, D])."""
         features = timestep_features(timestep, self.freq_dim)
-        temb = self.time_embedder(features.to(self.time_embedder.linear_1.weight.dtype)).type_as(text)
-        modulation = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
-        return temb, modulation, self.text_embedder(text)
+        temb = self.time_embedder(features.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
+        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
 
 
 # --- blocks ------------------------------------------------------------------------------------------
@@ -197,16 +219,21 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor,  # [B, N, D]
-                context: Tensor | None = None,  # [B, L, D]; None: self-attention
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        context = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, N, H, Dh]
+    def keys_values(self, context: Tensor,  # [B, L, D]
+                    rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:  # [B, H, L, Dh] each
         k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))
-        v = self.to_v(context).unflatten(2, (self.heads, -1))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            k = apply_rope(k, *rope)
+        return k.transpose(1, 2), self.to_v(context).unflatten(2, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor,  # [B, N, D]
+                keys_values: tuple[Tensor, Tensor] | None = None,  # cross-attention: the context's
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:  # self-attention: RoPE on q and k
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, N, H, Dh]
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        k, v = self.keys_values(x, rope) if keys_values is None else keys_values
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
         return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
 
 
@@ -234,7 +261,7 @@ class WanBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x: Tensor,  # [B, N, D]
-                text: Tensor,  # [B, L, D]
+                text: tuple[Tensor, Tensor],  # this block's text keys and values, [B, H, L, Dh] each
                 modulation: Tensor,  # [B, 6, D]
                 rope: tuple[Tensor, Tensor]) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
@@ -243,7 +270,7 @@ class WanBlock(nn.Module):
         x = (x.float() + self.attn1(h, rope=rope) * gate1).type_as(x)
         # 2. cross-attention to the text
         h = layer_norm_fp32(x, self.eps, self.norm2).type_as(x) if self.norm2 is not None else x
-        x = x + self.attn2(h, context=text)
+        x = x + self.attn2(h, keys_values=text)
         # 3. feed-forward on modulated tokens, gated residual
         h = (layer_norm_fp32(x, self.eps) * (1 + scale2) + shift2).type_as(x)
         return (x.float() + self.ffn(h).float() * gate2).type_as(x)
@@ -277,20 +304,35 @@ class WanTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    def text_context(self, encoder_hidden_states: Tensor) -> TextContext:  # [B, L, text_dim]
+        """The text projected to the model's width, then to every block's cross-attention keys and values."""
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.text_dim:
+            raise Vist3AInputError(f"encoder_hidden_states must be [B, L, {self.config.text_dim}], "
+                                   f"got {list(encoder_hidden_states.shape)}")
+        text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        pairs = [block.attn2.keys_values(text) for block in self.blocks]
+        return TextContext(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
+
     def forward(self, hidden_states: Tensor,  # [B, C, T, H, W]
                 timestep: Tensor,  # [B] (integer or float timesteps in [0, 1000])
-                encoder_hidden_states: Tensor,  # [B, L, text_dim]
+                encoder_hidden_states: Tensor | TextContext,  # [B, L, text_dim], or its text_context()
                 return_dict: bool = True) -> TransformerOutput | tuple[Tensor]:
         """The flow (velocity) prediction [B, out_channels, T, H, W]; ``return_dict`` as in diffusers."""
         grid = self._grid(hidden_states, timestep)
         rope = self._rope(grid, hidden_states.device)
-        # 1. patchify
+        # 1. text keys / values of every block (unless the caller computed them once for all steps)
+        text = encoder_hidden_states
+        if not isinstance(text, TextContext):
+            text = self.text_context(text)
+        if text.batch != hidden_states.shape[0]:
+            raise Vist3AInputError(f"text batch {text.batch} does not match hidden_states batch "
+                                   f"{hidden_states.shape[0]}")
+        # 2. patchify; timestep conditioning
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
-        # 2. timestep and text conditioning
-        temb, modulation, text = self.condition_embedder(timestep, encoder_hidden_states)
+        temb, modulation = self.condition_embedder(timestep, text.dtype)
         # 3. blocks
-        for block in self.blocks:
-            x = block(x, text, modulation, rope)
+        for block, keys, values in zip(self.blocks, text.keys, text.values):
+            x = block(x, (keys, values), modulation, rope)
         # 4. output modulation, projection, unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).type_as(x)
