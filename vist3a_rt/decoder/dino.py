@@ -139,6 +139,8 @@ class DinoVisionTransformer(nn.Module):
                                    f"{rows}x{cols}, got {list(patch_tokens.shape)}")
 
     def _init_weights(self) -> None:
+        if self.pos_embed.is_meta:  # built to receive loaded weights: nothing to initialise (and
+            return  # torch's init functions on meta tensors import torch._dynamo, ~1-2 s)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
