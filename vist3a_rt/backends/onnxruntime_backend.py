@@ -5,10 +5,16 @@ Session settings, and why:
 * graph optimization ``ORT_ENABLE_ALL``: constant folding, operator fusions (attention, GELU,
   layer norm, conv + activation) and the CPU provider's blocked (NCHWc) conv layouts; the
   graph is fixed per session, so optimizing it once at load pays off on every call;
-* ``intra_op_num_threads`` = physical cores available to this process: a hyper-thread
-  sibling shares its core's vector units, so threads beyond the core count only add
-  synchronisation; ``inter_op_num_threads`` = 1 with ``ORT_SEQUENTIAL`` execution: every
+* ``intra_op_num_threads`` = physical cores available to this process unless given: a
+  hyper-thread sibling shares its core's vector units, so threads beyond the core count only
+  add synchronisation; ``inter_op_num_threads`` = 1 with ``ORT_SEQUENTIAL`` execution: every
   stage is one dependent chain of ops, all the parallelism is inside the ops;
+* no spin-waiting (``session.intra_op.allow_spinning`` = 0): between ops, idle pool threads
+  sleep instead of busy-polling. On a machine whose cores other processes also use, spinning
+  threads take CPU from the thread doing the work; measured on the 2-core dev machine with a
+  1-thread training job beside it, 2 threads: nano denoiser 88 → 81 ms, VAE 755 → 670 ms,
+  stitched decoder 506 → 365 ms without spinning (``benchmarks/README.md``). On a busy machine
+  one thread is faster still: pass ``intra_op_threads=1``;
 * providers: CPU by default; ``device="cuda"`` asks for the CUDA provider (onnxruntime-gpu),
   and ``providers=[...]`` passes an explicit list (e.g. TensorRT first, CUDA, CPU).
 
@@ -61,7 +67,7 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(*, intra_op_threads: int | None = None):
+def session_options(*, intra_op_threads: int | None = None, allow_spinning: bool = False):
     """onnxruntime ``SessionOptions`` as chosen in the module docstring."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -69,6 +75,7 @@ def session_options(*, intra_op_threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or physical_cores()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3  # errors only: the exporter's graphs trigger harmless warnings
     return options
 
