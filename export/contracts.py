@@ -3,7 +3,8 @@
 Each stage (text encoder, denoiser, VAE decoder, stitched decoder) gets an ``ExportStage``: an
 ``ExportContract`` (names, axes, dtypes, profile: see ``spec``) and an ``nn.Module`` wrapper that
 takes and returns tensors only, in the contract's order, built from a loaded model's own
-modules. ``model_stages(model)`` gives all four for a loaded ``Vist3A``.
+modules. ``model_stages(model)`` gives a loaded ``Vist3A``'s stages as a bundle holds them: the
+denoiser split in two (``denoiser_split``: its text context once per prompt, then the step).
 
 Stages and their contracts::
 
@@ -11,7 +12,10 @@ Stages and their contracts::
                       (zero at and after each prompt's length; L = the pipeline's padded length)
     denoiser          latents [batch, C, latent_frames, p·patch_rows, p·patch_cols],
                       timestep [batch], encoder_hidden_states [batch, L, D_text] → velocity
-                      (batch = 2B: the conditional and unconditional halves in one call)
+                      (batch = 2B: the conditional and unconditional halves in one call);
+                      in a bundle, ``denoiser_split``'s pair instead: denoiser_context
+                      (text → every block's cross-attention keys and values) and the step
+                      (latents, timestep, context → velocity), latent sizes fixed per export
     vae_decoder       latents [batch, z, T_lat, h, w] (de-normalised) → frames [batch, 3, T, 8h, 8w]
                       in [-1, 1]. T_lat is fixed per export: diffusers decodes frame by frame
                       through a causal feature cache, a loop the exporter unrolls. h, w are
@@ -49,7 +53,7 @@ __all__ = ["STAGES", "Axis", "ExportContract", "ExportStage", "ExportUnsupported
            "text_encoder_stage", "denoiser_stage", "vae_decoder_stage", "stitched_decoder_stage", "model_stages",
            "TextEncoderStage", "DenoiserStage", "VAEDecoderStage", "StitchedDecoderStage"]
 
-STAGES = ("text_encoder", "denoiser", "vae_decoder", "stitched_decoder")
+STAGES = ("text_encoder", "denoiser_context", "denoiser", "vae_decoder", "stitched_decoder")
 
 
 def _profile(default: Profile, given: Profile | None, stage: str) -> Profile:
@@ -162,7 +166,11 @@ class VAEDecoderStage(nn.Module):
 
 @contextlib.contextmanager
 def _whole_batch_decoding(vae: nn.Module) -> Iterator[None]:
-    """diffusers' optional batch slicing / spatial tiling loop over data-sized chunks: off while decoding."""
+    """diffusers' optional batch slicing / spatial tiling loop over data-sized chunks: off while
+    decoding (the native decoder has neither)."""
+    if not hasattr(vae, "use_slicing"):
+        yield
+        return
     saved = vae.use_slicing, vae.use_tiling
     vae.use_slicing = vae.use_tiling = False
     try:
@@ -342,14 +350,19 @@ def stitched_decoder_stage(decoder: "StitchedDecoder", *, latent_frames: int | N
 
 
 def model_stages(model: "Vist3A") -> dict[str, ExportStage]:
-    """Every stage of a loaded ``Vist3A`` with default profiles around its default generation size."""
+    """Every stage of a loaded ``Vist3A`` (``STAGES``) with default profiles around its default
+    generation size; the denoiser step's latent sizes are static (as the VAE's frame count and
+    the stitched decoder's size are): its shape arithmetic folds into constants."""
+    from .denoiser_split import denoiser_context_stage, denoiser_step_stage
+
     settings, generator = model.defaults, model.generator
     _, _, T_lat, h, w = generator.latent_shape(1, settings.num_frames, settings.height, settings.width)
     L = generator.text_encoder.max_sequence_length
     return {
         "text_encoder": text_encoder_stage(generator.text_encoder.text_encoder, sequence_length=L),
-        "denoiser": denoiser_stage(generator.transformer, latent_frames=T_lat, latent_height=h, latent_width=w,
-                                   text_tokens=L),
+        "denoiser_context": denoiser_context_stage(generator.transformer, text_tokens=L),
+        "denoiser": denoiser_step_stage(generator.transformer, latent_frames=T_lat, latent_height=h,
+                                        latent_width=w, text_tokens=L, static_latents=True),
         "vae_decoder": vae_decoder_stage(generator.vae, latent_frames=T_lat, latent_height=h, latent_width=w),
         "stitched_decoder": stitched_decoder_stage(model.decoder, latent_frames=T_lat, latent_hw=(h, w)),
     }

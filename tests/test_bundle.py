@@ -34,7 +34,8 @@ import onnx  # noqa: E402
 
 from vist3a_rt import Vist3A, render  # noqa: E402
 from vist3a_rt.bundle import is_bundle, read_manifest  # noqa: E402
-from vist3a_rt.bundle.format import FORMAT, STAGES, sha256_file  # noqa: E402
+from vist3a_rt.bundle import context as text_context  # noqa: E402
+from vist3a_rt.bundle.format import FORMAT, FORMAT_VERSION, STAGES, sha256_file  # noqa: E402
 from vist3a_rt.bundle.pipeline import BundlePipeline  # noqa: E402
 from vist3a_rt.bundle.samplers import make_sampler  # noqa: E402
 from vist3a_rt.bundle.text import BundleTokenizer, clean_prompt  # noqa: E402
@@ -122,7 +123,7 @@ def copy_of(bundle: Path, tmp_path: Path) -> Path:
 
 def test_manifest_describes_the_bundle(exported, bundle, source, reference):
     manifest = read_manifest(bundle)
-    assert is_bundle(bundle) and manifest["format"] == FORMAT and manifest["format_version"] == 1
+    assert is_bundle(bundle) and manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION == 2
     assert (manifest["family"], manifest["precision"]) == ("wan-anysplat", "fp32")
     assert set(manifest["stage_precisions"].values()) == {"fp32"}
     assert manifest["source"]["files"] == {str(p.relative_to(source)): sha256_file(p)
@@ -144,7 +145,9 @@ def test_manifest_describes_the_bundle(exported, bundle, source, reference):
         assert [i.name for i in graph.graph.input] == contract.input_names
         assert OnnxArtifact.load(bundle / stage["onnx"]).key == stage["key"]
     denoiser = ExportContract.from_dict(manifest["stages"]["denoiser"]["contract"])
-    assert denoiser.profile_shapes()["latents"][1] == (2, 16, 4, 6, 6)  # opt: the CFG batch at 13 x 48 px
+    assert denoiser.profile_shapes()["latents"] == ((1, 16, 4, 6, 6), (2, 16, 4, 6, 6), (8, 16, 4, 6, 6))
+    assert denoiser.input_names == ["latents", "timestep", "context", "context_log_counts"]
+    assert set(denoiser.profile.dynamic_dims) == {"batch", "text_keys"}  # latent sizes static, as the VAE's
     # what the runtime needs besides the graphs
     generation = manifest["generation"]
     assert generation["latent_shape"] == [1, 16, 4, 6, 6] and generation["frame_size"] == [42, 42]
@@ -164,16 +167,19 @@ def test_manifest_describes_the_bundle(exported, bundle, source, reference):
 
 
 def torch_stage(reference, name: str, inputs: dict) -> dict:
-    """The torch pipeline's own code for a stage."""
+    """The torch pipeline's own code for a stage (the denoiser's two graphs: their modules on the
+    pipeline's transformer; ``test_the_split_denoiser_is_the_transformer`` checks them against it)."""
+    from vist3a_rt.export.denoiser_split import DenoiserContext, DenoiserStep
+
     generator = reference.generator
     with torch.inference_mode():
         if name == "text_encoder":
             return {"embeddings": encode_tokens(generator.components.text_encoder, inputs["input_ids"],
                                                 inputs["attention_mask"])}
+        if name == "denoiser_context":
+            return {"context": DenoiserContext(generator.transformer)(inputs["encoder_hidden_states"])}
         if name == "denoiser":
-            return {"velocity": generator.transformer(hidden_states=inputs["latents"], timestep=inputs["timestep"],
-                                                      encoder_hidden_states=inputs["encoder_hidden_states"],
-                                                      return_dict=False)[0]}
+            return {"velocity": DenoiserStep(generator.transformer)(*inputs.values())}
         if name == "vae_decoder":
             return {"frames": decode(generator.vae, inputs["latents"])}
         out = reference.decoder(inputs["latent"], inputs["frames"])
@@ -190,6 +196,52 @@ def test_every_stage_matches_torch(name, runtime, reference):
     errors = {key: relative_error(got[key], expected[key]) for key in expected}
     print(f"\n{name}: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
     assert max(errors.values()) <= STAGE_RTOL, errors
+
+
+def test_the_split_denoiser_is_the_transformer(runtime, reference):
+    """Trimmed text → context graph → step graph == the transformer on the padded embeddings."""
+    from vist3a_rt.bench.agreement import denoiser_split_agreement
+
+    error = denoiser_split_agreement(runtime, reference)
+    print(f"\nsplit denoiser vs transformer: {error:.1e}")
+    assert error <= STAGE_RTOL
+
+
+@pytest.mark.parametrize("lengths, total", [((3, 5), 9), ((9, 4), 9), ((8, 2), 9), ((0, 0), 4), ((1,), 6)])
+def test_trimmed_keys_with_log_counts_are_full_attention(lengths, total):
+    """Attention over every padded position == over the trimmed ones with their log counts."""
+    generator = torch.Generator().manual_seed(sum(lengths) + total)
+    rows = [torch.cat([torch.randn(1, n, 8, generator=generator), torch.zeros(1, total - n, 8)], dim=1)
+            for n in lengths]
+    key_of, value_of = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)  # zero rows → one shared key and value
+    query = torch.randn(len(rows), 2, 5, 8, generator=generator)
+    with torch.no_grad():
+        full = torch.cat(rows)
+        attention = torch.nn.functional.scaled_dot_product_attention
+        expected = attention(query, key_of(full)[:, None], value_of(full)[:, None])
+        parts = []
+        for row in rows:
+            trimmed, used = text_context.trim(row)
+            assert used == int(row.ne(0).any(-1).sum()) and trimmed.shape[1] == min(used + 1, total)
+            parts.append((torch.cat([key_of(trimmed), value_of(trimmed)], dim=-1), used))
+        joined, log_counts = text_context.join(parts, total)
+        keys, values = joined[..., :8], joined[..., 8:]
+        got = attention(query, keys[:, None], values[:, None], attn_mask=log_counts[None, :])
+    assert keys.shape[1] == min(max(lengths) + 1, total) == len(log_counts)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_each_prompt_context_is_computed_once(runtime):
+    calls = []
+    run = runtime.backend.run
+    runtime.backend.run = lambda stage, inputs: (calls.append(stage), run(stage, inputs))[1]
+    try:
+        runtime.generate("a green cone", num_steps=2)
+        runtime.generate("a green cone", num_steps=2)
+    finally:
+        runtime.backend.run = run
+    assert calls.count("denoiser_context") <= 2 and calls.count("text_encoder") <= 2  # the negative: once at most
+    assert calls.count("denoiser") == 4
 
 
 # --- generate through the bundle ---------------------------------------------------------------------
@@ -330,7 +382,7 @@ def test_second_export_reexports_nothing(source, bundle, tmp_path):
     start = time.perf_counter()
     report = export_bundle(source, target)
     seconds = time.perf_counter() - start
-    assert report.made == [] and len(report.steps) == 11
+    assert report.made == [] and len(report.steps) == 12  # 4 weights, tokenizer, scheduler, negative, 5 graphs
     assert inodes() == before  # the same files (hard-linked), not rewritten
     assert seconds < 60  # loading the source and hashing; the first export took minutes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
@@ -447,3 +499,24 @@ def test_embedded_nano_source_when_not_installed(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="embedded model 'nano' is not installed"):
         export_bundle("nano", tmp_path / "nano_bundle")
     assert _entries(tmp_path) == []  # nothing written
+
+
+# --- the bench on a bundle: onnxruntime rows with per-stage agreement ------------------------------------
+
+
+def test_bench_checks_every_stage_of_a_bundle(bundle):
+    from vist3a_rt.bench import BenchSettings, format_report, run_bench
+
+    settings = BenchSettings(model=str(bundle), backends=("torch", "onnxruntime"), repeats=1, warmup=0, steps=2,
+                             threads=(1,), cold_start=False, preview_frames=2, preview_size=32)
+    report = run_bench(settings)
+    torch_row, ort_row = report["backends"]
+    assert (torch_row["backend"], ort_row["backend"], ort_row["status"]) == ("torch", "onnxruntime", "ok")
+    assert torch_row["threads"] == ort_row["threads"] == 1
+    stages = ort_row["agreement"]["stages"]
+    assert list(stages) == [*STAGES, "denoiser_split"]
+    assert max(max(errors.values()) for errors in stages.values()) <= STAGE_RTOL, stages
+    assert ort_row["agreement"]["latents_max_rel"] <= 1e-4 and ort_row["agreement"]["render_psnr_db"] >= 40.0
+    table = format_report(report)
+    assert "onnxruntime (1 thr)" in table and "denoiser_split vs torch: max rel" in table
+    assert "load average" in table

@@ -58,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from vist3a_rt import Vist3A
     from vist3a_rt.bench.memory import gpu_peak_mib, peak_rss_mib
+    from vist3a_rt.bundle import is_bundle, load_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)
     imported = time.time()
-    model = Vist3A.load(args.model, backend=args.backend, device=args.device)
+    if args.backend == "onnxruntime" and is_bundle(args.model):  # its own thread setting
+        model = load_bundle(args.model, backend=args.backend, device=args.device, intra_op_threads=args.threads)
+    else:
+        model = Vist3A.load(args.model, backend=args.backend, device=args.device)
     loaded = time.time()
     result = model.generate(args.prompt, seed=args.seed, num_steps=1)
     first_step_done = loaded + result.timings["text"] + result.timings["denoise"]

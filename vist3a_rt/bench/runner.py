@@ -2,10 +2,13 @@
 
 Order: the machine's fp32 matmul rate; then torch eager (always; it is the baseline and the
 reference), then each other backend: load, warm-up, timed runs (``stages``), agreement of its
-first timed run with the torch reference generation (same prompt, seed and settings), peak
-memory, and a cold start in a fresh process (``cold_start``). A backend that cannot be loaded
-here gets a row saying why (``status: "unavailable"``), one that breaks while measured a row
-with the error (``status: "failed"``); neither stops the others.
+first timed run with the torch reference generation (same prompt, seed and settings), for a
+bundle's onnxruntime graphs each stage's agreement with the torch module it was exported from
+(``agreement.stage_agreement``), peak memory, and a cold start in a fresh process
+(``cold_start``). With several thread counts (``threads=(2, 1)``) every backend is measured at
+each, one row per (backend, threads); speed-ups are against the first torch row. A backend that
+cannot be loaded here gets a row saying why (``status: "unavailable"``), one that breaks while
+measured a row with the error (``status: "failed"``); neither stops the others.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from ..errors import Vist3AInputError
 from ..pipeline.result import DEFAULT_PREVIEW_FRAMES, DEFAULT_PREVIEW_SIZE
-from .agreement import psnr, tensor_agreement
+from .agreement import psnr, stage_agreement, tensor_agreement
 from .cold_start import measure_cold_start
 from .flops import denoiser_flops, denoiser_inputs, matmul_rate
 from .memory import gpu_peak_mib, peak_rss_mib, reset_gpu_peak
@@ -42,6 +45,7 @@ SPEEDUP_STAGES = ("denoise_step", "generate", "e2e_no_preview")
 @dataclass(frozen=True)
 class BenchSettings:
     model: str = "nano"  # "nano", a model folder or a bundle
+    torch_model: str | None = None  # what the torch rows load (None: ``model``), e.g. "nano" beside its bundle
     backends: tuple[str, ...] = BACKENDS  # torch is always measured (first): it is the baseline
     device: str = "cpu"
     repeats: int = 5
@@ -49,7 +53,7 @@ class BenchSettings:
     steps: int | None = None  # None: the model's default
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
-    threads: int | None = None  # None: torch's current setting
+    threads: tuple[int, ...] | None = None  # None: torch's current setting, onnxruntime's default
     cold_start: bool = True
     matmul_size: int | None = None  # None: MATMUL_SIZE per device type
     preview_frames: int = DEFAULT_PREVIEW_FRAMES
@@ -59,18 +63,35 @@ class BenchSettings:
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise Vist3AInputError(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
-        for name, low in (("repeats", 1), ("warmup", 0), ("steps", 1), ("threads", 1), ("matmul_size", 1),
+        if isinstance(self.threads, int) and not isinstance(self.threads, bool):
+            object.__setattr__(self, "threads", (self.threads,))
+        if self.threads is not None and (not isinstance(self.threads, tuple) or not self.threads):
+            raise Vist3AInputError(f"threads must be thread counts >= 1, got {self.threads!r}")
+        for name, low in (("repeats", 1), ("warmup", 0), ("steps", 1), ("matmul_size", 1),
                           ("preview_frames", 1), ("preview_size", 2)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise Vist3AInputError(f"{name} must be an integer >= {low}, got {value!r}")
+            _check_int(name, getattr(self, name), low)
+        for count in self.threads or ():
+            _check_int("threads", count, 1)
 
     @property
     def ordered_backends(self) -> list[str]:
         return ["torch", *(b for b in dict.fromkeys(self.backends) if b != "torch")]
 
+    @property
+    def thread_counts(self) -> tuple[int | None, ...]:
+        return tuple(dict.fromkeys(self.threads)) if self.threads else (None,)
+
+    def source(self, backend: str) -> str:
+        """What ``backend``'s rows load."""
+        return (self.torch_model or self.model) if backend == "torch" else self.model
+
     def run_settings(self) -> RunSettings:
         return RunSettings(self.prompt, self.seed, self.steps, self.preview_frames, self.preview_size, self.device)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise Vist3AInputError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -85,28 +106,38 @@ class _Reference:
 def run_bench(settings: BenchSettings, *, log: Callable[[str], None] = lambda line: None) -> dict:
     """Measure and return the report (a JSON-ready dict; see ``benchmarks/README.md``)."""
     if settings.threads:
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads[0])
     device = torch.device(settings.device)
     size = settings.matmul_size or MATMUL_SIZE.get(device.type, 1024)
     log(f"fp32 matmul {size}^3 on {device}")
     report = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "settings": asdict(settings),
               "machine": machine_info(device), "matmul": matmul_rate(device, size=size), "denoiser_flops": None,
               "backends": []}
-    reference = None
+    reference, torch_model = None, None
+    default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="vist3a-bench-") as workdir:
         for backend in settings.ordered_backends:
-            log(f"{backend}: loading {settings.model}")
-            row, model = _load(settings, backend)
-            if model is not None:
-                if reference is None:  # torch, first
-                    reference = _reference(model, settings)
-                    report["denoiser_flops"] = _flops(model, settings)
-                row.update(_measure(model, backend, settings, reference, report, Path(workdir), log))
-                del model
-                _free(device)
-            report["backends"].append(row)
+            for threads in settings.thread_counts:
+                torch.set_num_threads(threads or default_threads)
+                log(f"{backend}{_at(threads)}: loading {settings.model}")
+                row, model = _load(settings, backend, threads)
+                if model is not None:
+                    if reference is None:  # torch, first: the reference, kept for the stage checks
+                        reference, torch_model = _reference(model, settings), model
+                        report["denoiser_flops"] = _flops(model, settings)
+                    row.update(_measure(model, backend, threads, settings, reference, torch_model, report,
+                                        Path(workdir), log))
+                    del model
+                    _free(device)
+                report["backends"].append(row)
+    torch.set_num_threads(default_threads)
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["bench_peak_rss_mib"] = peak_rss_mib()
     return report
+
+
+def _at(threads: int | None) -> str:
+    return "" if threads is None else f" at {threads} thread{'s' if threads > 1 else ''}"
 
 
 def machine_info(device: torch.device) -> dict:
@@ -114,19 +145,25 @@ def machine_info(device: torch.device) -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(device),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "gpu": torch.cuda.get_device_name(device) if cuda else None}
 
 
 # --- one backend ---------------------------------------------------------------------------------
 
 
-def _load(settings: BenchSettings, backend: str) -> tuple[dict, object]:
+def _load(settings: BenchSettings, backend: str, threads: int | None) -> tuple[dict, object]:
+    from ..bundle import is_bundle, load_bundle
     from ..pipeline import Vist3A
 
-    row = {"backend": backend, "status": "ok"}
+    row = {"backend": backend, "threads": threads or torch.get_num_threads(), "status": "ok"}
     try:
         start = time.perf_counter()
-        model = Vist3A.load(settings.model, backend=backend, device=settings.device)
+        if backend == "onnxruntime" and is_bundle(settings.model):
+            model = load_bundle(settings.model, backend=backend, device=settings.device, intra_op_threads=threads)
+            row["threads"] = model.backend.intra_op_threads
+        else:
+            model = Vist3A.load(settings.source(backend), backend=backend, device=settings.device)
         row["load_s"] = time.perf_counter() - start
         return row, model
     except (Vist3AInputError, ImportError) as err:
@@ -135,11 +172,11 @@ def _load(settings: BenchSettings, backend: str) -> tuple[dict, object]:
         return {**row, "status": "unavailable", "reason": str(err)}, None
 
 
-def _measure(model, backend: str, settings: BenchSettings, reference: _Reference, report: dict, workdir: Path,
-             log: Callable[[str], None]) -> dict:
+def _measure(model, backend: str, threads: int | None, settings: BenchSettings, reference: _Reference, torch_model,
+             report: dict, workdir: Path, log: Callable[[str], None]) -> dict:
     try:
         reset_gpu_peak(settings.device)
-        log(f"{backend}: {settings.warmup} warm-up + {settings.repeats} timed runs")
+        log(f"{backend}{_at(threads)}: {settings.warmup} warm-up + {settings.repeats} timed runs")
         samples, first = measure_runs(model, settings.run_settings(), repeats=settings.repeats,
                                       warmup=settings.warmup, workdir=workdir / backend)
         row = {"stages": {stage: summarize(samples[stage]) for stage in STAGES},
@@ -147,11 +184,14 @@ def _measure(model, backend: str, settings: BenchSettings, reference: _Reference
                "memory": {"gpu_peak_torch_mib": gpu_peak_mib(settings.device)}}
         if backend == "torch":
             row["stages"]["denoiser_forward"] = _time_transformer(model, settings)
+        elif hasattr(model, "manifest") and hasattr(torch_model, "generator"):  # a bundle's graphs
+            log(f"{backend}: every stage against its torch module")
+            row["agreement"]["stages"] = stage_agreement(model, torch_model)
         row["denoiser"] = _achieved(report, row["stages"]["denoise_step"]["median"])
         row["speedup_vs_torch"] = _speedup(report, row)
         if settings.cold_start:
-            log(f"{backend}: cold start in a fresh process")
-            row["cold_start"] = _cold_start(settings, backend)
+            log(f"{backend}{_at(threads)}: cold start in a fresh process")
+            row["cold_start"] = _cold_start(settings, backend, threads)
         return row
     except Exception as err:  # noqa: BLE001 - a backend that breaks gets its row; the others still run
         if backend == "torch":
@@ -216,10 +256,10 @@ def _speedup(report: dict, row: dict) -> dict | None:
     return {stage: baseline[stage]["median"] / row["stages"][stage]["median"] for stage in SPEEDUP_STAGES}
 
 
-def _cold_start(settings: BenchSettings, backend: str) -> dict:
+def _cold_start(settings: BenchSettings, backend: str, threads: int | None) -> dict:
     try:
-        return measure_cold_start(settings.model, backend, device=settings.device, prompt=settings.prompt,
-                                  seed=settings.seed, threads=settings.threads or torch.get_num_threads())
+        return measure_cold_start(settings.source(backend), backend, device=settings.device, prompt=settings.prompt,
+                                  seed=settings.seed, threads=threads)
     except Exception as err:  # noqa: BLE001 - reported in the row, like an unavailable backend
         return {"error": f"{type(err).__name__}: {err}"}
 

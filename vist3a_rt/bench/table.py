@@ -19,10 +19,10 @@ def format_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     rows = [r for r in report["backends"] if r["status"] == "ok"]
     lines = [f"vist3a-rt bench: model {s['model']}, device {m['device']}"
-             + (f" ({m['gpu']})" if m["gpu"] else "") + f", {m['torch_threads']} torch threads, "
+             + (f" ({m['gpu']})" if m["gpu"] else "") + f", {m['cpus']} CPUs (load average {_load(m)}), "
              f"{s['repeats']} timed runs after {s['warmup']} warm-up",
              _matmul_line(report), _flops_line(report), ""]
-    lines.append(_cells("ms: median [min-max]", [r["backend"] for r in rows]))
+    lines.append(_cells("ms: median [min-max]", [_column(r) for r in rows]))
     for stage, label in STAGE_LABELS.items():
         if any(stage in r["stages"] for r in rows):
             lines.append(_cells(label, [_stage_cell(r["stages"].get(stage)) for r in rows]))
@@ -32,6 +32,9 @@ def format_report(report: dict) -> str:
                                                             for r in rows]))
     lines.append(_cells("latents vs torch: max abs / rel", [_latents_cell(r["agreement"]) for r in rows]))
     lines.append(_cells("rendered view vs torch: PSNR", [_psnr_cell(r["agreement"]) for r in rows]))
+    stages = list(dict.fromkeys(name for r in rows for name in r["agreement"].get("stages", {})))
+    for name in stages:
+        lines.append(_cells(f"  {name} vs torch: max rel", [_stage_agreement_cell(r["agreement"], name) for r in rows]))
     lines.append(_cells("denoiser GFLOP/s (% of matmul)", [_achieved_cell(r.get("denoiser")) for r in rows]))
     if any(r["memory"]["gpu_peak_torch_mib"] is not None for r in rows):
         lines.append(_cells("GPU peak, torch allocator", [_mib(r["memory"]["gpu_peak_torch_mib"]) for r in rows]))
@@ -76,6 +79,16 @@ def _stage_cell(stats: dict | None) -> str:
     return f"{stats['median'] * 1e3:.1f} [{stats['min'] * 1e3:.1f}-{stats['max'] * 1e3:.1f}]"
 
 
+def _column(row: dict) -> str:
+    threads = row.get("threads")
+    return row["backend"] if threads is None else f"{row['backend']} ({threads} thr)"
+
+
+def _stage_agreement_cell(agreement: dict, stage: str) -> str:
+    errors = agreement.get("stages", {}).get(stage)
+    return "-" if errors is None else f"{max(errors.values()):.1e}"
+
+
 def _ratio(value: float) -> str:
     return f"{value:.2f}x"
 
@@ -108,6 +121,14 @@ def _cold_cell(cold: dict | None) -> str:
     if "error" in cold:
         return "failed (see JSON)"
     return f"{cold['first_step_s']:.2f} (load {cold['load_s']:.2f})"
+
+
+def _load(machine: dict) -> str:
+    """The 1-minute load average at the start and the end of the bench (other processes' work)."""
+    start, end = machine.get("load_average"), machine.get("load_average_end")
+    if start is None:
+        return "n/a"
+    return f"{start[0]:.2f}" + ("" if end is None else f" -> {end[0]:.2f}")
 
 
 def _matmul_line(report: dict) -> str:

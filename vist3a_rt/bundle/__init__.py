@@ -27,8 +27,9 @@ __all__ = ["BACKENDS", "FORMAT", "is_bundle", "load_bundle", "read_manifest"]
 
 
 def load_bundle(bundle: str | Path, *, backend: str = "auto", device: str = "cpu",
-                dtype: torch.dtype = torch.float32, **paths):
-    """A generation pipeline for ``bundle`` on ``backend`` (see the module docstring)."""
+                dtype: torch.dtype = torch.float32, intra_op_threads: int | None = None, **paths):
+    """A generation pipeline for ``bundle`` on ``backend`` (see the module docstring);
+    ``intra_op_threads``: onnxruntime's threads per session (default: the physical cores)."""
     if paths:
         raise Vist3AInputError(f"a bundle holds every model piece; explicit paths {sorted(paths)} do not apply")
     if backend not in BACKENDS:
@@ -41,7 +42,7 @@ def load_bundle(bundle: str | Path, *, backend: str = "auto", device: str = "cpu
                                    f"exported with (its I/O is float32); dtype {dtype} applies to backend='torch'")
         from .pipeline import BundlePipeline
 
-        return BundlePipeline.load(bundle, device=device)
+        return BundlePipeline.load(bundle, device=device, intra_op_threads=intra_op_threads)
     if backend == "torch":
         from .torch_pipeline import load_torch_pipeline
 

@@ -7,14 +7,17 @@ A bundle is a directory::
                                         (LoRA merged); memory-mappable state dicts, tied tensors stored
                                         once (the metadata's "aliases" names the other keys)
     onnx/<stage>.<precision>.<key>.onnx one graph per stage (+ its export sidecar ``.json``, and
-                                        ``.onnx.data`` when the weights are stored outside the graph)
+                                        ``.onnx.data`` when the weights are stored outside the graph);
+                                        the denoiser is two: ``denoiser_context`` (the text's
+                                        cross-attention keys and values, once per prompt) and
+                                        ``denoiser`` (one step on them), see ``export/denoiser_split.py``
     text/negative_prompt.safetensors    the default negative prompt's embedding [L, D] (float32)
     tokenizer/tokenizer.json            the fast-tokenizer file (+ tokenizer_config.json)
     scheduler/scheduler_config.json     the source model's scheduler config, as released
     engines/*.plan                      TensorRT engines (``export/tensorrt_build.py``; kept across
                                         re-exports, each plan's own record says whether it still fits)
 
-The manifest (``format_version`` 1) holds:
+The manifest (``format_version`` 2; version 1 had one denoiser graph on the raw text) holds:
 
 * ``family``, ``precision``, ``created_with`` (tool versions, vist3a-rt git commit);
 * ``source``: what was exported (path, sha256 of every source file, their combined digest);
@@ -42,9 +45,9 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 FORMAT = "vist3a-rt/bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-STAGES = ("text_encoder", "denoiser", "vae_decoder", "stitched_decoder")
+STAGES = ("text_encoder", "denoiser_context", "denoiser", "vae_decoder", "stitched_decoder")
 WEIGHTS = ("text_encoder", "transformer", "vae", "stitched_decoder")
 PRECISIONS = ("fp32", "fp16", "bf16")
 NEGATIVE_PROMPT_FILE = "text/negative_prompt.safetensors"

@@ -4,10 +4,11 @@ The same ``generate()`` contract and ``GenerationResult`` as the torch pipeline 
 the same steps; what runs them differs:
 
 1. prompt → cleaned, template-wrapped text → ids (``tokenizers``, ``bundle.text``) → the
-   text-encoder graph; embeddings are cached per exact string, the default negative prompt's
-   embedding comes from the bundle;
+   text-encoder graph → its used positions (``bundle.context``) → the denoiser-context graph
+   (every block's cross-attention keys and values); both cached per exact string, the default
+   negative prompt's embedding comes from the bundle;
 2. seeded noise (``initial_noise``, same numbers as the torch path) → the flow sampler
-   (``bundle.samplers``) stepping on the CFG-batched denoiser graph;
+   (``bundle.samplers``) stepping on the CFG-batched denoiser-step graph;
 3. de-normalisation with the bundle's VAE latent statistics;
 4. the VAE-decoder graph, then the frames resized to the stitched decoder's input (torch);
 5. the stitched-decoder graph → per-pixel Gaussians and cameras;
@@ -31,12 +32,12 @@ import torch
 
 from ..errors import Vist3AInputError
 from ..generator import latents as latent_ops
-from ..generator.sampling import (apply_guidance, check_initial_latents, check_steps_and_guidance, guidance_context,
-                                  initial_noise)
+from ..generator.sampling import apply_guidance, check_initial_latents, check_steps_and_guidance, initial_noise
 from ..generator.text import check_prompts, warn_unknown_words, wrap_prompt
 from ..pipeline.result import GenerationResult
 from ..pipeline.vist3a import GenerationSettings, _check_prompt, _progress_bar, _timed
 from ..scene import Cameras, GaussianScene
+from . import context as text_context
 from .format import read_manifest
 from .samplers import make_sampler
 from .text import BundleTokenizer, clean_prompt
@@ -65,7 +66,8 @@ class BundlePipeline:
                                                  latents_std=latents["std"])
         self.scheduler_config = json.loads((root / manifest["scheduler"]).read_text())
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt → embeddings [1, L, D]
+        self._contexts: dict[str, tuple[torch.Tensor, int]] = {}  # prompt → (context, used length), same keys
         negative = manifest["negative_prompt"]
         self._remember(negative["text"], load_state(root / negative["file"])["embedding"][None])
         self.load_timings: dict[str, float] = {}
@@ -104,12 +106,12 @@ class BundlePipeline:
         self._check_size(settings)
         check_steps_and_guidance(settings.num_steps, settings.guidance_scale)
         with torch.inference_mode():
-            # 1. encode the (template-wrapped) prompt; the negative prompt's embedding is cached
+            # 1. encode the (template-wrapped) prompt into the denoiser context; the negative prompt's is cached
             with _timed(timings, "text"):
-                prompt_embeds, negative_embeds = self._encode(prompt, settings)
+                context, log_counts = text_context.join(self._encode(prompt, settings), self.max_sequence_length)
             # 2. denoise from seeded noise (or the given initial latents)
             with _timed(timings, "denoise"):
-                final_latents = self._denoise(prompt_embeds, negative_embeds, settings, seed, latents, progress)
+                final_latents = self._denoise(context, log_counts, settings, seed, latents, progress)
             # 3. de-normalize with the VAE statistics
             latent = latent_ops.denormalize(final_latents, self.latent_statistics)
             # 4. decode frames with the VAE, resize them to the decoder's input resolution
@@ -145,16 +147,16 @@ class BundlePipeline:
 
     # --- text ------------------------------------------------------------------------------------
 
-    def _encode(self, prompt: str, settings: GenerationSettings):
+    def _encode(self, prompt: str, settings: GenerationSettings) -> list[tuple[torch.Tensor, int]]:
+        """The denoiser contexts of the CFG batch: [cond] or [cond, uncond] (see ``_context``)."""
         if self.closed_vocabulary:
             warn_unknown_words(self.tokenizer, prompt)
-        text = wrap_prompt(prompt) if settings.use_prompt_template else prompt
-        negative = None
+        contexts = [self._context(wrap_prompt(prompt) if settings.use_prompt_template else prompt)]
         if settings.guidance_scale > 1.0:
             negative = self.manifest["negative_prompt"]["text"] if settings.negative_prompt is None \
                 else settings.negative_prompt
-            negative = self.encode_prompt(negative, allow_empty=True)
-        return self.encode_prompt(text), negative
+            contexts.append(self._context(negative, allow_empty=True))
+        return contexts
 
     def encode_prompt(self, prompt: str, *, allow_empty: bool = False) -> torch.Tensor:
         """Text embeddings [1, L, D] of one prompt (cached per exact string)."""
@@ -167,28 +169,38 @@ class BundlePipeline:
         self._remember(prompt, embedding)
         return embedding
 
+    def _context(self, prompt: str, *, allow_empty: bool = False) -> tuple[torch.Tensor, int]:
+        """The denoiser context [1, K, C] of a prompt's used positions and their count (cached
+        with its embedding)."""
+        embedding = self.encode_prompt(prompt, allow_empty=allow_empty)
+        if prompt not in self._contexts:
+            trimmed, used = text_context.trim(embedding)
+            context = self.backend.run("denoiser_context", {"encoder_hidden_states": trimmed})["context"]
+            self._contexts[prompt] = (context, used)
+        return self._contexts[prompt]
+
     def _remember(self, prompt: str, embedding: torch.Tensor) -> None:
         self._cache[prompt] = embedding
+        self._contexts.pop(prompt, None)
         while len(self._cache) > max(self.cache_size, 1):
-            self._cache.popitem(last=False)
+            self._contexts.pop(self._cache.popitem(last=False)[0], None)
 
     # --- denoising -------------------------------------------------------------------------------
 
-    def _denoise(self, prompt_embeds, negative_embeds, settings: GenerationSettings, seed, latents, progress):
+    def _denoise(self, context, log_counts, settings: GenerationSettings, seed, latents, progress):
         sampler = make_sampler(settings.sampler, settings.num_steps, settings.flow_shift, self.scheduler_config)
         if latents is None:
             latents = initial_noise(self.latent_shape, seed, "cpu")
         else:
             check_initial_latents(latents, self.latent_shape)
             latents = latents.to("cpu", torch.float32)
-        context = guidance_context(prompt_embeds, negative_embeds, settings.guidance_scale)
         bar = _progress_bar(settings.num_steps) if progress else None
         try:
             for t in sampler.timesteps:
                 hidden = latents.repeat(context.shape[0], 1, 1, 1, 1)
                 timestep = t.to(torch.float32).expand(hidden.shape[0]).contiguous()
-                velocity = self.backend.run("denoiser", {"latents": hidden, "timestep": timestep,
-                                                         "encoder_hidden_states": context})["velocity"]
+                velocity = self.backend.run("denoiser", {"latents": hidden, "timestep": timestep, "context": context,
+                                                         "context_log_counts": log_counts})["velocity"]
                 latents = sampler.step(apply_guidance(velocity, latents.shape[0], settings.guidance_scale), latents)
                 if bar is not None:
                     bar.update(1)
