@@ -159,7 +159,8 @@ def _make_staging(out: Path) -> Path:
 def _load_model(source_dir: Path):
     from vist3a_rt.pipeline.vist3a import Vist3A
 
-    return Vist3A.load(source_dir, backend="torch", dtype=torch.float32)
+    # the library classes: the bundle records their configs and class names, and saves their tokenizer
+    return Vist3A.load(source_dir, backend="torch", dtype=torch.float32, wan_impl="diffusers")
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

@@ -41,7 +41,7 @@ def settings(**changes) -> RewardSettings:
 
 
 def make_trainer(model_dir, rewards=None, **changes) -> RewardTrainer:
-    model = vr.Vist3A.load(model_dir, use_lora=False)
+    model = vr.Vist3A.load(model_dir, use_lora=False, wan_impl="diffusers")  # gradients through the VAE
     return RewardTrainer(model.generator, model.decoder, rewards or [R.consistency()], settings(**changes))
 
 
@@ -197,7 +197,7 @@ def test_saved_ema_adapter_is_a_released_style_peft_folder(model_dir, tmp_path):
     assert (merged - plain).abs().max() > 1e-4
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     first = "blocks.0.attn1.to_q.weight"
-    through_vist3a = vr.Vist3A.load(model_dir, lora=folder).generator.transformer.state_dict()[first]
+    through_vist3a = vr.Vist3A.load(model_dir, lora=folder, wan_impl="diffusers").generator.transformer.state_dict()[first]
     through_generator = WanGenerator.from_folder(model_dir / "wan", lora_dir=folder).transformer.state_dict()[first]
     torch.testing.assert_close(through_vist3a, through_generator)
 

@@ -85,7 +85,7 @@ def load_eval_model(source: str | Path, *, device: str = "cpu") -> EvalModel:
     """Everything the evaluation runs, from one model folder; checks that its sizes agree."""
     paths = model_paths(source)
     start = time.perf_counter()
-    runtime = Vist3A.load(str(source), device=device)
+    runtime = Vist3A.load(str(source), device=device, wan_impl="diffusers")  # the evaluation encodes with the VAE
     config = resolve_config(paths.config, paths.anysplat)
     reconstruction = load_reconstruction_model(config, paths.anysplat, device=device).requires_grad_(False)
     model = EvalModel(str(source), paths, config, runtime, reconstruction, time.perf_counter() - start)

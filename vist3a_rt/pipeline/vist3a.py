@@ -62,8 +62,8 @@ class Vist3A:
         ``wan_impl``: which classes run the Wan video half of a model folder: "native" (the
         runtime's own torch modules; no diffusers/transformers/peft import: the fast cold start,
         inference only) or "diffusers" (the library classes: the reference, and what training,
-        evaluation and export build on). Default: the ``VIST3A_WAN_IMPL`` environment variable,
-        else "diffusers" (``vist3a-rt generate`` defaults to "native")."""
+        evaluation and export build on; needed for gradients through the VAE). Default: the
+        ``VIST3A_WAN_IMPL`` environment variable, else "native"."""
         from ..bundle.format import is_bundle
 
         if source is not None and source not in EMBEDDED_MODELS and is_bundle(source):
@@ -75,7 +75,7 @@ class Vist3A:
                                    f"{source} --out BUNDLE`, then load BUNDLE); a model folder runs on 'torch'")
         from ..generator.loading import resolve_impl
 
-        wan_impl = resolve_impl(wan_impl)
+        wan_impl = resolve_impl(wan_impl, default="native")
         model_paths = _resolve_paths(source, paths)
         torch_device = _check_device(device)
         from ..generator import WanGenerator  # diffusers/transformers load lazily, and only for impl="diffusers"
