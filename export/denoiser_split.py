@@ -17,10 +17,11 @@ share one key and value, so one of them with log(count) added to its score stand
 which makes the nano model's cross-attention ~6× cheaper with the same result up to float
 rounding (the agreement tests bound it).
 
-Both modules use only the transformer's submodules that diffusers' ``WanTransformer3DModel``
-and the native Wan transformer share by name (``condition_embedder.text_embedder``,
-``blocks[i].attn2.{to_q,to_k,to_v,norm_q,norm_k,to_out}``), and the transformer's own forward
-for everything else.
+Both modules are built on diffusers' ``WanTransformer3DModel`` (what ``vist3a-rt export`` loads):
+``DenoiserContext`` uses its ``condition_embedder.text_embedder`` and each block's
+``attn2.{to_k,norm_k,to_v}``; ``DenoiserStep`` runs its own forward with the text embedder an
+identity and each block's ``attn2`` reading keys and values from the context. The runtime's
+native transformer computes its text context itself (``text_context``) and is refused here.
 """
 
 from __future__ import annotations
@@ -43,11 +44,21 @@ def _inner_dim(transformer: nn.Module) -> int:
     return config.num_attention_heads * config.attention_head_dim
 
 
+def _check_library_transformer(transformer: nn.Module) -> None:
+    from .spec import ExportUnsupportedError
+
+    if hasattr(transformer, "text_context"):
+        raise ExportUnsupportedError(
+            f"the split denoiser is built on diffusers' WanTransformer3DModel, not {type(transformer).__name__}: "
+            "load the model with wan_impl='diffusers' to export it")
+
+
 class DenoiserContext(nn.Module):
     """encoder_hidden_states [B, L, D_text] → context [B, L, 2·layers·D] (keys, values per block)."""
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
+        _check_library_transformer(transformer)
         self.transformer = transformer
 
     def forward(self, encoder_hidden_states: Tensor) -> Tensor:
@@ -66,6 +77,7 @@ class DenoiserStep(nn.Module):
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
+        _check_library_transformer(transformer)
         self.transformer = transformer
 
     def forward(self, latents: Tensor, timestep: Tensor, context: Tensor, context_log_counts: Tensor) -> Tensor:
@@ -81,10 +93,7 @@ class _ContextCrossAttention(nn.Module):
         super().__init__()
         self.attention, self.index, self.dim, self.log_counts = attention, index, dim, log_counts
 
-    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *unused,
-                context: Tensor | None = None, **unused_kwargs) -> Tensor:
-        # diffusers' blocks pass the text positionally, the native ones as ``context=``
-        cached = encoder_hidden_states if encoder_hidden_states is not None else context
+    def forward(self, hidden_states: Tensor, cached: Tensor, *unused) -> Tensor:  # as diffusers' blocks call it
         attention, start, heads = self.attention, 2 * self.index * self.dim, self.attention.heads
         query = attention.norm_q(attention.to_q(hidden_states)).unflatten(2, (heads, -1)).transpose(1, 2)
         key = cached[..., start:start + self.dim].unflatten(2, (heads, -1)).transpose(1, 2)

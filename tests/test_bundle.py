@@ -166,9 +166,16 @@ def test_manifest_describes_the_bundle(exported, bundle, source, reference):
 # --- every stage: onnxruntime == torch -----------------------------------------------------------------
 
 
-def torch_stage(reference, name: str, inputs: dict) -> dict:
+@pytest.fixture(scope="module")
+def on_torch(bundle):
+    """The bundle on the torch backend: the library classes the export was made from."""
+    return Vist3A.load(bundle, backend="torch")
+
+
+def torch_stage(reference, name: str, inputs: dict, on_torch) -> dict:
     """The torch pipeline's own code for a stage (the denoiser's two graphs: their modules on the
-    pipeline's transformer; ``test_the_split_denoiser_is_the_transformer`` checks them against it)."""
+    exported diffusers transformer; ``test_the_split_denoiser_is_the_transformer`` checks the
+    pair against the pipeline's transformer)."""
     from vist3a_rt.export.denoiser_split import DenoiserContext, DenoiserStep
 
     generator = reference.generator
@@ -177,9 +184,9 @@ def torch_stage(reference, name: str, inputs: dict) -> dict:
             return {"embeddings": encode_tokens(generator.components.text_encoder, inputs["input_ids"],
                                                 inputs["attention_mask"])}
         if name == "denoiser_context":
-            return {"context": DenoiserContext(generator.transformer)(inputs["encoder_hidden_states"])}
+            return {"context": DenoiserContext(on_torch.generator.transformer)(inputs["encoder_hidden_states"])}
         if name == "denoiser":
-            return {"velocity": DenoiserStep(generator.transformer)(*inputs.values())}
+            return {"velocity": DenoiserStep(on_torch.generator.transformer)(*inputs.values())}
         if name == "vae_decoder":
             return {"frames": decode(generator.vae, inputs["latents"])}
         out = reference.decoder(inputs["latent"], inputs["frames"])
@@ -188,10 +195,10 @@ def torch_stage(reference, name: str, inputs: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_every_stage_matches_torch(name, runtime, reference):
+def test_every_stage_matches_torch(name, runtime, reference, on_torch):
     contract = ExportContract.from_dict(runtime.manifest["stages"][name]["contract"])
     inputs = contract.sample_inputs("opt", seed=7)
-    expected = torch_stage(reference, name, inputs)
+    expected = torch_stage(reference, name, inputs, on_torch)
     got = runtime.backend.run(name, inputs)
     errors = {key: relative_error(got[key], expected[key]) for key in expected}
     print(f"\n{name}: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))

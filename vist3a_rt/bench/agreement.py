@@ -30,10 +30,11 @@ def psnr(image: Tensor, reference: Tensor, *, peak: float = 1.0) -> float:
 
 def stage_agreement(runtime, torch_model, *, seed: int = 7) -> dict[str, dict[str, float]]:
     """Max relative error of each output of each stage of ``runtime`` (a ``BundlePipeline``) against
-    the eager module it was exported from (``export.contracts.model_stages(torch_model)``), on the
-    contract's sample inputs at its opt sizes; and ``denoiser_split``: the runtime's denoiser path
-    (trimmed text → context graph → step graph) against the torch transformer's forward on the
-    full, padded text embeddings of a real prompt pair (the check that the split is exact)."""
+    the eager module it was exported from (``export.contracts.model_stages(torch_model)``; so
+    ``torch_model`` is the bundle on the torch backend, the library classes the export used), on
+    the contract's sample inputs at its opt sizes; and ``denoiser_split``: the runtime's denoiser
+    path (trimmed text → context graph → step graph) against the torch transformer's forward on
+    the full, padded text embeddings of a real prompt pair (the check that the split is exact)."""
     from vist3a_rt.export.contracts import model_stages
     from vist3a_rt.export.spec import ExportContract
 

@@ -113,20 +113,19 @@ def run_bench(settings: BenchSettings, *, log: Callable[[str], None] = lambda li
     report = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "settings": asdict(settings),
               "machine": machine_info(device), "matmul": matmul_rate(device, size=size), "denoiser_flops": None,
               "backends": []}
-    reference, torch_model = None, None
+    reference = None
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="vist3a-bench-") as workdir:
         for backend in settings.ordered_backends:
             for threads in settings.thread_counts:
                 torch.set_num_threads(threads or default_threads)
-                log(f"{backend}{_at(threads)}: loading {settings.model}")
+                log(f"{backend}{_at(threads)}: loading {settings.source(backend)}")
                 row, model = _load(settings, backend, threads)
                 if model is not None:
-                    if reference is None:  # torch, first: the reference, kept for the stage checks
-                        reference, torch_model = _reference(model, settings), model
+                    if reference is None:  # torch, first: the reference
+                        reference = _reference(model, settings)
                         report["denoiser_flops"] = _flops(model, settings)
-                    row.update(_measure(model, backend, threads, settings, reference, torch_model, report,
-                                        Path(workdir), log))
+                    row.update(_measure(model, backend, threads, settings, reference, report, Path(workdir), log))
                     del model
                     _free(device)
                 report["backends"].append(row)
@@ -172,8 +171,8 @@ def _load(settings: BenchSettings, backend: str, threads: int | None) -> tuple[d
         return {**row, "status": "unavailable", "reason": str(err)}, None
 
 
-def _measure(model, backend: str, threads: int | None, settings: BenchSettings, reference: _Reference, torch_model,
-             report: dict, workdir: Path, log: Callable[[str], None]) -> dict:
+def _measure(model, backend: str, threads: int | None, settings: BenchSettings, reference: _Reference, report: dict,
+             workdir: Path, log: Callable[[str], None]) -> dict:
     try:
         reset_gpu_peak(settings.device)
         log(f"{backend}{_at(threads)}: {settings.warmup} warm-up + {settings.repeats} timed runs")
@@ -184,9 +183,11 @@ def _measure(model, backend: str, threads: int | None, settings: BenchSettings, 
                "memory": {"gpu_peak_torch_mib": gpu_peak_mib(settings.device)}}
         if backend == "torch":
             row["stages"]["denoiser_forward"] = _time_transformer(model, settings)
-        elif hasattr(model, "manifest") and hasattr(torch_model, "generator"):  # a bundle's graphs
+        elif hasattr(model, "manifest"):  # a bundle's graphs: against the modules they were exported from
             log(f"{backend}: every stage against its torch module")
-            row["agreement"]["stages"] = stage_agreement(model, torch_model)
+            from ..bundle import load_bundle
+
+            row["agreement"]["stages"] = stage_agreement(model, load_bundle(settings.model, backend="torch"))
         row["denoiser"] = _achieved(report, row["stages"]["denoise_step"]["median"])
         row["speedup_vs_torch"] = _speedup(report, row)
         if settings.cold_start:
