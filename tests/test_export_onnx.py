@@ -96,7 +96,7 @@ def artifacts(stages, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(artifacts):
-    return OnnxRuntimeBackend(artifacts)
+    return OnnxRuntimeBackend(artifacts, cache_dir=None)  # sessions on the graphs themselves
 
 
 def torch_reference(name: str, stage: ExportStage, inputs: dict) -> dict:
@@ -301,6 +301,34 @@ def test_backend_protocol_and_session_options(backend):
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.intra_op_num_threads == physical_cores() <= (os.cpu_count() or 1)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_optimized_graphs_are_cached(artifacts, stages, backend, tmp_path, monkeypatch):
+    """The second backend loads the optimized graphs the first saved; outputs are bit-identical."""
+    first = OnnxRuntimeBackend(artifacts, cache_dir=tmp_path)
+    entries = sorted(tmp_path.iterdir())
+    assert len(entries) == len(artifacts) and all(not p.name.startswith(".") for p in entries)
+    second = OnnxRuntimeBackend(artifacts, cache_dir=tmp_path)
+    ort = import_onnxruntime()
+    for name in artifacts:
+        stage = second.stage(name)
+        assert stage.cached_graph in entries and first.stage(name).cached_graph == stage.cached_graph
+        level = stage.session.get_session_options().graph_optimization_level
+        assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized once, by the first
+        inputs = stages[name].contract.sample_inputs("opt", seed=3)
+        expected = backend.run(name, inputs)
+        for key, value in second.run(name, inputs).items():
+            assert torch.equal(value, expected[key]), (name, key)
+    damaged = second.stage("denoiser").cached_graph
+    damaged.write_bytes(b"not a graph")
+    assert OnnxRuntimeBackend({"denoiser": artifacts["denoiser"]}, cache_dir=tmp_path).stage("denoiser").cached_graph
+    assert damaged.stat().st_size > 100  # rebuilt
+    monkeypatch.setenv("VIST3A_CACHE_DIR", "")
+    assert OnnxRuntimeBackend({"denoiser": artifacts["denoiser"]}).stage("denoiser").cached_graph is None
+    monkeypatch.setenv("VIST3A_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert OnnxRuntimeBackend({"denoiser": artifacts["denoiser"]}).stage("denoiser").cached_graph.parent == \
+        tmp_path / "elsewhere" / "onnxruntime"
 
 
 def test_backend_input_errors(stages, backend):

@@ -85,7 +85,8 @@ class BundlePipeline:
         with _timed(timings, "manifest"):
             manifest = read_manifest(root)
         with _timed(timings, "sessions"):
-            models = {name: SimpleNamespace(path=root / stage["onnx"],
+            artifacts = manifest["artifacts"]
+            models = {name: SimpleNamespace(path=root / stage["onnx"], sha256=artifacts[stage["onnx"]]["sha256"],
                                             contract=ExportContract.from_dict(stage["contract"]))
                       for name, stage in manifest["stages"].items()}
             backend = OnnxRuntimeBackend(models, device=device, providers=providers,
