@@ -98,10 +98,17 @@ def info() -> None:
 @click.option("--preview-frames", type=int, default=None, help="Frames of the preview orbit video.")
 @click.option("--preview-size", type=int, default=None, help="Longer side of the preview video in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--threads", default="auto", show_default=True,
+              help="CPU threads for torch: a number, or auto (the cores the load average leaves idle, at least 1).")
 def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames, height, width,
              negative_prompt, sampler, device, backend, wan_impl, no_preview, preview_frames, preview_size,
-             overwrite) -> None:
+             overwrite, threads) -> None:
     """Generate a 3D Gaussian scene from PROMPT (or from each line of --prompts)."""
+    import torch
+
+    from .threads import resolve_threads
+
+    torch.set_num_threads(resolve_threads(threads))
     from .pipeline import Vist3A
     from .pipeline.batch import plan_jobs
     from .pipeline.result import DEFAULT_PREVIEW_FRAMES, DEFAULT_PREVIEW_SIZE
@@ -117,7 +124,8 @@ def generate(prompt, prompts_file, model, out_dir, seed, steps, guidance, frames
         written = result.save(job.out_dir, preview=not no_preview, overwrite=overwrite,
                               preview_frames=DEFAULT_PREVIEW_FRAMES if preview_frames is None else preview_frames,
                               preview_size=DEFAULT_PREVIEW_SIZE if preview_size is None else preview_size)
-        click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s)")
+        click.echo(f"{written}  ({len(result.scene)} Gaussians, {result.timings['total']:.2f} s, "
+                   f"{torch.get_num_threads()} threads)")
 
 
 @cli.command("eval")
