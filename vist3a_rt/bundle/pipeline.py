@@ -219,7 +219,8 @@ def scene_of(output: dict, batch_index: int = 0) -> GaussianScene:
         means=output["means"][batch_index], scales=output["scales"][batch_index],
         rotations=torch.cat([xyzw[:, 3:], xyzw[:, :3]], dim=-1),
         sh=output["harmonics"][batch_index].transpose(-1, -2).contiguous(),
-        opacities=output["opacities"][batch_index])
+        # onnxruntime's vectorised sigmoid can land an ulp above 1 (seen: 1.0000001 at 2 threads)
+        opacities=output["opacities"][batch_index].clamp(0.0, 1.0))
 
 
 def cameras_of(output: dict, frame_size: tuple[int, int], batch_index: int = 0) -> Cameras:
