@@ -104,6 +104,9 @@ def test_a_new_folder_reuses_matching_stages_and_warm_starts_others(recipe, tmp_
     assert "reused_from" not in done["layer_search"]  # it needs the new recon
     assert json.loads((new / "recipe.json").read_text())["settings"]["recon_render_every"] == 2
     assert main(["train", "nano", "--out", str(tmp_path / "x"), "--warm-start", "recon"]) == 2
+    assert main(["train", "nano", "--out", str(tmp_path / "z"), "--reuse-from", str(folder),
+                 "--warm-start", "layer_search"]) == 2  # no state to start from: nothing written
+    assert "cannot warm-start 'layer_search'" in capsys.readouterr().err and not (tmp_path / "z").exists()
     assert main(["train", "nano", "--out", str(tmp_path / "y"), "--set", "recon_frames"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
 

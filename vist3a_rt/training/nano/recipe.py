@@ -27,7 +27,7 @@ from ...errors import Vist3AInputError
 from ..nano_models import NanoConfig
 from ..world import WorldConfig
 from .data import WorldClips
-from .reuse import read_recorded_settings, reuse_stages, warm_start_origin
+from .reuse import check_sources, read_recorded_settings, reuse_stages, warm_start_origin
 from .reuse import warm_start as copy_warm_states
 from .workspace import Budget, Workspace, write_json
 
@@ -185,11 +185,13 @@ def run_recipe(work_dir: str | Path, settings: RecipeSettings | None = None, sta
     (``reuse.reuse_stages``); a new folder then starts from its settings (``overrides`` change
     them); ``warm_start``: stages whose training state is copied from it.
     """
+    if warm_start and reuse_from is None:
+        raise Vist3AInputError("warm_start needs reuse_from (the folder to take the states from)")
+    if reuse_from is not None:
+        check_sources(reuse_from, resolve_stages(warm_start) if warm_start else [])
     if reuse_from is not None and settings is None and not (Path(work_dir) / "recipe.json").is_file():
         settings = RecipeSettings.from_dict(read_recorded_settings(Path(reuse_from)))
     ws, settings = open_workspace(work_dir, settings, overrides)
-    if warm_start and reuse_from is None:
-        raise Vist3AInputError("warm_start needs reuse_from (the folder to take the states from)")
     if reuse_from is not None:
         reuse_stages(ws, settings.to_dict(), reuse_from, REQUIRES)
         copy_warm_states(ws, reuse_from, resolve_stages(warm_start) if warm_start else [])

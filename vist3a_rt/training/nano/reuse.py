@@ -76,6 +76,15 @@ def reuse_stages(target: Workspace, settings: dict, source_dir: str | Path,
     return reused
 
 
+def check_sources(source_dir: str | Path, warm_stages: list[str]) -> None:
+    """Refuse a source that is not a recipe folder or lacks a warm-start state, before anything is written."""
+    source = Path(source_dir)
+    read_recorded_settings(source)
+    for stage in warm_stages:
+        if not (source / stage / STATE_FILE).is_file():
+            raise Vist3AInputError(f"cannot warm-start {stage!r}: {source / stage / STATE_FILE} does not exist")
+
+
 def warm_start(target: Workspace, source_dir: str | Path, stages: list[str]) -> list[str]:
     """Copy each stage's training state (``state.pt``) from the source folder; returns those copied.
 
